@@ -1,0 +1,1 @@
+"""Batched generation over depth plans, and the trace it records."""

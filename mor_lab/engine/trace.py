@@ -1,0 +1,61 @@
+"""What the engine did, token by token and step by step: the data every visualization reads.
+
+Per generated token: the depth steps it ran and, when recorded, the logit-lens top-1 token and its
+probability after each of those steps. Per engine step: what each batch slot was doing ("prefill",
+"decode", "idle", and in later plans "shallow", "deep", "loop 2", ...), and for which sequence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IDLE = "idle"
+
+
+@dataclass
+class TokenTrace:
+    token_id: int
+    steps: list[int]  # depth steps this token ran, in order
+    top1: list[int] | None = None  # logit-lens top-1 after each step in ``steps``
+    confidence: list[float] | None = None  # its softmax probability
+    deferred: bool = False  # deep steps ran later, in a parallel pass (FREE)
+
+    @property
+    def exit_step(self) -> int:
+        return self.steps[-1] if self.steps else -1
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class EngineStep:
+    kind: str  # "prefill" or "decode" (later plans add their own)
+    sequences: list[int | None]  # per batch slot: the sequence it served, or None
+    activity: list[str]  # per batch slot: what it did (IDLE when nothing useful)
+    tokens: int = 0  # tokens processed in this step (prefill counts the whole prompt)
+
+
+@dataclass
+class Trace:
+    num_steps: int
+    tokens: list[list[TokenTrace]] = field(default_factory=list)  # per sequence, per generated token
+    engine_steps: list[EngineStep] = field(default_factory=list)
+
+    def utilization(self, kinds: tuple[str, ...] | None = None) -> float:
+        """Fraction of batch-slot x engine-step cells that did useful work."""
+        busy = total = 0
+        for step in self.engine_steps:
+            if kinds and step.kind not in kinds:
+                continue
+            total += len(step.activity)
+            busy += sum(a != IDLE for a in step.activity)
+        return busy / total if total else 0.0
+
+    def mean_steps_per_token(self) -> float:
+        counts = [t.num_steps for seq in self.tokens for t in seq]
+        return sum(counts) / len(counts) if counts else 0.0
+
+    def activity_matrix(self) -> tuple[list[list[str]], list[list[int | None]]]:
+        """``[engine step][slot]`` activity labels and sequence ids (for the utilization timeline)."""
+        return [s.activity for s in self.engine_steps], [s.sequences for s in self.engine_steps]

@@ -1,0 +1,1 @@
+"""The decoder, its depth-step KV cache, and checkpoint loading."""

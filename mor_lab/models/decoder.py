@@ -1,0 +1,275 @@
+"""A Llama-family decoder in plain PyTorch, readable top to bottom.
+
+embed -> depth steps -> final norm -> LM head. ``Decoder.run_step(step, ...)`` runs one depth step on
+any tokens, with or without a KV cache: every technique in mor_lab (early exit, recursion, routers)
+is a different plan over these steps. ``Decoder.plan[s]`` names the physical layer step ``s`` uses;
+the vanilla plan is ``[0, 1, ..., L-1]``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import Chunk, KVCache
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and cos/sin scale for every rope type HF Llama configs use."""
+    rope, dim = config.rope, config.head_dim
+    base = rope["rope_theta"]
+    rope_type = rope.get("rope_type", "default")
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    if rope_type == "dynamic":  # NTK-aware: grow the base once the context exceeds the trained length
+        max_pos = config.max_position_embeddings
+        seq_len = max(seq_len or max_pos, max_pos)
+        factor = rope["factor"]
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exponents)
+    if rope_type == "linear":
+        return inv_freq / rope["factor"], 1.0
+    if rope_type == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope.get("original_max_position_embeddings", config.max_position_embeddings)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        return _yarn(config, base, dim)
+    return inv_freq, 1.0
+
+
+def _yarn(config: ModelConfig, base: float, dim: int) -> tuple[torch.Tensor, float]:
+    rope = config.rope
+    old_len = rope.get("original_max_position_embeddings", config.max_position_embeddings)
+    factor = rope.get("factor") or config.max_position_embeddings / old_len
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        if rope.get("mscale") and rope.get("mscale_all_dim"):
+            attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for arbitrary ``[B, T]`` positions (ragged batches have per-row positions)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        inv_freq, self.scale = rope_inverse_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        inv_freq = self.inv_freq
+        if self.config.rope.get("rope_type") == "dynamic":
+            seq_len = int(positions.max()) + 1
+            if seq_len > self.config.max_position_embeddings:
+                inv_freq = rope_inverse_frequencies(self.config, seq_len)[0].to(positions.device)
+        freqs = positions[..., None].float() * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scale).to(dtype)[:, None], (emb.sin() * self.scale).to(dtype)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
+
+    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        gqa = self.num_heads != self.num_kv_heads
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = cache.write_and_read(step, k, v, chunk)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.attn_mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, rope, cache=None, step=0, chunk=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, cache, step, chunk)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Physical layers plus a plan: ``plan[s]`` is the layer that depth step ``s`` runs."""
+
+    def __init__(self, config: ModelConfig, plan: list[int] | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(config)
+        self.plan = list(range(config.num_layers)) if plan is None else list(plan)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.plan)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    # The four pieces every plan is made of.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def rope(self, positions: torch.Tensor):
+        return self.rotary(positions, self.dtype)
+
+    def run_step(self, step: int, h: torch.Tensor, rope, cache: KVCache | None = None,
+                 chunk: Chunk | None = None) -> torch.Tensor:
+        """Depth step ``step`` on hidden states ``h`` ``[B, T, d]``; with a cache, as addressed by ``chunk``."""
+        return self.layers[self.plan[step]](h, rope, cache, step, chunk)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
+        return self.lm_head(self.norm(h))
+
+    def forward(self, input_ids: torch.Tensor, return_hidden: bool = False):
+        """Full-depth causal forward pass without a cache: logits ``[B, T, vocab]``.
+
+        With ``return_hidden`` also returns the hidden state after every depth step (``[steps+1, B, T, d]``,
+        index 0 is the embedding) for logit-lens analyses.
+        """
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = self.rope(positions)
+        h = self.embed(input_ids)
+        hidden = [h]
+        for step in range(self.num_steps):
+            h = self.run_step(step, h, rope)
+            hidden.append(h)
+        logits = self.head(h)
+        return (logits, torch.stack(hidden)) if return_hidden else logits
+
+    # Checkpoints: safetensors + JSON config; a reload is bit-identical.
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(directory / "model.safetensors"), metadata={"plan": ",".join(map(str, self.plan))})
+        self.config.save(directory / "mor_lab_config.json")
+
+    @classmethod
+    def load(cls, directory: str | Path, device=None) -> "Decoder":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        config = ModelConfig.load(directory / "mor_lab_config.json")
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            plan = [int(s) for s in f.metadata()["plan"].split(",")]
+        model = cls(config, plan)
+        state = load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
+        if config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state)
+        return model.to(device) if device else model
+
+
+def random_decoder(config: ModelConfig | None = None, seed: int = 0, **overrides) -> Decoder:
+    """A randomly initialised decoder (tests, speed benchmarks); weights ~ N(0, 0.02) like Llama."""
+    config = config or ModelConfig(**overrides)
+    generator = torch.Generator().manual_seed(seed)
+    model = Decoder(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    return model.eval()
