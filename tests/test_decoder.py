@@ -1,0 +1,131 @@
+"""mor_lab's decoder against HF transformers' Llama, on tiny random configs and on SmolLM2."""
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mor_lab
+from mor_lab.models.cache import Chunk, KVCache
+from mor_lab.models.hf import decoder_from_hf
+
+ROPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+VARIANTS = [
+    dict(num_attention_heads=4, num_key_value_heads=4, rope="default"),  # multi-head
+    dict(num_attention_heads=4, num_key_value_heads=2, rope="linear", tie_word_embeddings=False),
+    dict(num_attention_heads=6, num_key_value_heads=1, rope="llama3", head_dim=16),  # MQA, explicit head_dim
+    dict(num_attention_heads=8, num_key_value_heads=2, rope="yarn", attention_bias=True, mlp_bias=True),
+    dict(num_attention_heads=4, num_key_value_heads=2, rope="dynamic"),
+]
+
+
+def tiny_hf(seed=0, rope="default", **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    kwargs = dict(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                  max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+    kwargs.update(overrides)
+    config = LlamaConfig(**kwargs, rope_parameters=dict(ROPES[rope]))
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"h{v['num_attention_heads']}kv{v['num_key_value_heads']}-{v['rope']}")
+def test_logits_match_hf_on_tiny_configs(variant):
+    hf = tiny_hf(**variant)
+    ours = decoder_from_hf(hf)
+    ids = torch.randint(0, 97, (2, 40 if variant["rope"] == "dynamic" else 29), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ours(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: v["rope"])
+def test_greedy_generation_matches_hf_batched_and_alone(variant):
+    hf = tiny_hf(**variant)
+    ours = decoder_from_hf(hf)
+    prompts = [[5, 17, 33, 8], [9, 4], [60, 61, 62, 63, 64, 65, 66]]
+    ids, _ = mor_lab.generate_ids(ours, prompts, max_new_tokens=10, eos_token_ids=[])
+    for prompt, got in zip(prompts, ids):
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == expected
+        alone, _ = mor_lab.generate_ids(ours, [prompt], max_new_tokens=10, eos_token_ids=[])
+        assert alone[0] == got
+
+
+def test_cached_decoding_equals_full_forward():
+    model = mor_lab.random_decoder(num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=50, hidden_size=32)
+    seqs = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]
+    cache = KVCache.for_model(model, 2, 16)
+    lengths = torch.tensor([4, 2])  # prefill the first tokens, then decode the rest one at a time
+    ids = torch.tensor([[3, 4, 5, 6], [10, 11, 0, 0]])
+    chunk = Chunk.build(torch.zeros(2, dtype=torch.long), lengths)
+    with torch.no_grad():
+        h = model.embed(ids)
+        rope = model.rope(chunk.positions)
+        for s in range(model.num_steps):
+            h = model.run_step(s, h, rope, cache, chunk)
+        for row, seq in enumerate(seqs):
+            full = model(torch.tensor([seq]))
+            assert torch.allclose(model.head(h[row, :lengths[row]]), full[0, :lengths[row]], atol=1e-5)
+        x = torch.tensor([[7], [12]])
+        chunk = Chunk.decode(lengths)
+        h = model.embed(x)
+        rope = model.rope(chunk.positions)
+        for s in range(model.num_steps):
+            h = model.run_step(s, h, rope, cache, chunk)
+        for row, seq in enumerate(seqs):
+            n = int(lengths[row]) + 1
+            full = model(torch.tensor([seq[:n]]))
+            assert torch.allclose(model.head(h[row, 0]), full[0, n - 1], atol=1e-5)
+
+
+def test_save_load_is_bit_identical(tmp_path):
+    for tie in (True, False):
+        model = mor_lab.random_decoder(num_layers=2, tie_word_embeddings=tie, seed=3)
+        model.save(tmp_path / str(tie))
+        again, tokenizer = mor_lab.load_pretrained(tmp_path / str(tie))
+        assert tokenizer is None
+        assert again.plan == model.plan and again.config == model.config
+        for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+            assert torch.equal(a, b), name
+        ids = torch.tensor([[1, 2, 3]])
+        assert torch.equal(model(ids), again(ids))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        mor_lab.ModelConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_type"):
+        mor_lab.ModelConfig(rope={"rope_type": "longrope", "rope_theta": 1.0})
+    with pytest.raises(ValueError, match="hidden_size"):
+        mor_lab.ModelConfig(hidden_size=0)
+
+
+@pytest.mark.smollm2
+def test_smollm2_logits_match_hf(smollm2, smollm2_hf):
+    model, tok = smollm2
+    ids = tok(["The mitochondria is the powerhouse of the cell. In Python, a list comprehension"],
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (model(ids) - smollm2_hf(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+@pytest.mark.smollm2
+def test_smollm2_greedy_matches_hf_alone_and_batched(smollm2, smollm2_hf):
+    model, tok = smollm2
+    prompts = ["What is the capital of France?", "Explain recursion to a child in two sentences.", "Hi!"]
+    out = mor_lab.generate(model, tok, prompts, max_new_tokens=20, chat=True)
+    assert len(out.texts) == 3 and "Paris" in out.texts[0]
+    for prompt_ids, got in zip(out.prompt_ids, out.token_ids):
+        expected = smollm2_hf.generate(torch.tensor([prompt_ids]), max_new_tokens=20, do_sample=False)
+        assert got == expected[0, len(prompt_ids):].tolist()
