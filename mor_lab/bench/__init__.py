@@ -1,0 +1,1 @@
+"""Side-by-side benchmark suites behind `mor-lab bench`."""

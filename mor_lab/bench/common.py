@@ -1,0 +1,110 @@
+"""Shared benchmark plumbing: timing, peak memory, machine roofline, JSON output.
+
+Speed targets live here, not in timed tests: machines are shared and noisy, so every suite measures
+its methods side by side in one run and reports ratios.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the lifetime peak
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA allocator peak, or process RSS sampled every 2 ms on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self.peak_bytes = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+@contextmanager
+def timer(device: torch.device):
+    """``with timer(dev) as t: ...`` then ``t()`` is the elapsed seconds (CUDA-synchronised)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    box = {}
+    yield lambda: box["s"]
+    sync()
+    box["s"] = time.perf_counter() - start
+
+
+def machine_peaks(device: torch.device, quick: bool = False) -> dict:
+    """Measured matmul GFLOP/s (fp32) and memory bandwidth (GB/s, streaming read) of this device."""
+    device = torch.device(device)
+    n = 1024 if device.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    torch.mm(a, b)
+    reps = 3 if quick else 10
+    with timer(device) as t:
+        for _ in range(reps):
+            torch.mm(a, b)
+    gflops = 2 * n**3 * reps / t() / 1e9
+    x = torch.randn((64 if device.type == "cpu" else 1024) * 2**20 // 4 * 4, device=device)
+    x.sum()
+    with timer(device) as t:
+        for _ in range(reps):
+            x.sum()
+    bandwidth = x.numel() * x.element_size() * reps / t() / 1e9
+    return {"matmul_gflops": round(gflops, 1), "bandwidth_gbs": round(bandwidth, 1),
+            "threads": torch.get_num_threads()}
+
+
+def environment(device: torch.device) -> dict:
+    info = {"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
+            "cpu_count": os.cpu_count()}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_json(report: dict, path: str | Path | None) -> str:
+    text = json.dumps(report, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    return text
