@@ -61,31 +61,31 @@ def test_greedy_generation_matches_hf_batched_and_alone(variant):
         assert alone[0] == got
 
 
-def test_cached_decoding_equals_full_forward():
+def run_chunk(model, cache, chunk, ids):
+    h = model.embed(ids)
+    rope = model.rope(chunk.positions)
+    for s in range(model.num_steps):
+        h = model.run_step(s, h, rope, cache, chunk)
+    return model.head(h)
+
+
+def test_cached_ragged_chunks_equal_full_forward():
+    """Prefill ragged prompts packed, then a ragged multi-token chunk, then single-token decode."""
     model = mor_lab.random_decoder(num_layers=3, num_heads=4, num_kv_heads=2, vocab_size=50, hidden_size=32)
-    seqs = [[3, 4, 5, 6, 7, 8, 9], [10, 11, 12]]
-    cache = KVCache.for_model(model, 2, 16)
-    lengths = torch.tensor([4, 2])  # prefill the first tokens, then decode the rest one at a time
-    ids = torch.tensor([[3, 4, 5, 6], [10, 11, 0, 0]])
-    chunk = Chunk.build(torch.zeros(2, dtype=torch.long), lengths)
+    seqs = [[3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21]]
+    plan = [(0, [4, 2, 1]), (None, [2, 0, 3]), (None, [1, 1, 1])]  # (start, tokens per row) per chunk
+    cache = KVCache.for_model(model, 3, 16)
+    done = torch.zeros(3, dtype=torch.long)
     with torch.no_grad():
-        h = model.embed(ids)
-        rope = model.rope(chunk.positions)
-        for s in range(model.num_steps):
-            h = model.run_step(s, h, rope, cache, chunk)
-        for row, seq in enumerate(seqs):
-            full = model(torch.tensor([seq]))
-            assert torch.allclose(model.head(h[row, :lengths[row]]), full[0, :lengths[row]], atol=1e-5)
-        x = torch.tensor([[7], [12]])
-        chunk = Chunk.decode(lengths)
-        h = model.embed(x)
-        rope = model.rope(chunk.positions)
-        for s in range(model.num_steps):
-            h = model.run_step(s, h, rope, cache, chunk)
-        for row, seq in enumerate(seqs):
-            n = int(lengths[row]) + 1
-            full = model(torch.tensor([seq[:n]]))
-            assert torch.allclose(model.head(h[row, 0]), full[0, n - 1], atol=1e-5)
+        full = [model(torch.tensor([s]))[0] for s in seqs]
+        for _, counts in plan:
+            counts = torch.tensor(counts)
+            chunk = Chunk.build(done, counts)
+            ids = torch.tensor([t for r, s in enumerate(seqs) for t in s[done[r]:done[r] + counts[r]]])
+            logits = run_chunk(model, cache, chunk, ids)
+            for i, (row, col) in enumerate(zip(chunk.rows.tolist(), chunk.cols.tolist())):
+                assert torch.allclose(logits[i], full[row][done[row] + col], atol=1e-5)
+            done += counts
 
 
 def test_save_load_is_bit_identical(tmp_path):

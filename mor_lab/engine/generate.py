@@ -1,7 +1,7 @@
 """Batched generation: prompts of different lengths, one preallocated KV cache, a trace of the work.
 
-The engine prefills all prompts in one right-padded pass (each row attends only to its own tokens),
-then decodes one token per live row per engine step. Rows stop on EOS or ``max_new_tokens``; a
+The engine prefills all prompts in one packed pass (projections and MLPs see only real tokens; each
+row attends only to its own), then decodes one token per live row per engine step. Rows stop on EOS or ``max_new_tokens``; a
 finished row leaves the batch (its slot is recorded as idle in the trace: static batching does not
 refill slots; the continuous depth-wise batching engine does).
 """
@@ -92,18 +92,14 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
     outputs: list[list[int]] = [[] for _ in range(batch)]
     live = list(range(batch))  # sequence served by each row of the (compacted) batch
 
-    # Prefill: all prompts in one right-padded pass; keep each row's last position.
-    width = int(lengths.max())
-    ids = torch.zeros(batch, width, dtype=torch.long, device=device)
-    for row, p in enumerate(prompt_ids):
-        ids[row, :len(p)] = torch.tensor(p, device=device)
-    chunk = Chunk.build(torch.zeros_like(lengths), lengths)
-    last = (lengths - 1)[:, None, None]
-    h, lens = _run_all_steps(model, model.embed(ids), chunk, cache, record_predictions, last)
+    # Prefill: all prompts in one packed pass (no work on padding); keep each row's last token.
+    chunk = Chunk.prefill(lengths)
+    ids = torch.tensor([t for p in prompt_ids for t in p], device=device)
+    h, lens = _run_all_steps(model, model.embed(ids), chunk, cache, record_predictions, lengths.cumsum(0) - 1)
     trace.engine_steps.append(EngineStep("prefill", list(range(batch)), ["prefill"] * batch, int(lengths.sum())))
 
     for t in range(max_new_tokens):
-        next_tokens = sampler(model.head(h[:, 0])).tolist()
+        next_tokens = sampler(model.head(h)).tolist()
         keep = []
         for row, seq in enumerate(live):
             token = next_tokens[row]
@@ -120,7 +116,7 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
             live = [live[r] for r in keep]
             next_tokens = [next_tokens[r] for r in keep]
         chunk = Chunk.decode(lengths)
-        x = model.embed(torch.tensor(next_tokens, device=device)[:, None])
+        x = model.embed(torch.tensor(next_tokens, device=device))
         h, lens = _run_all_steps(model, x, chunk, cache, record_predictions)
         lengths = lengths + 1
         serving = set(live)
@@ -130,18 +126,19 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
     return outputs, trace
 
 
-def _run_all_steps(model, h, chunk, cache, record: bool, gather: torch.Tensor | None = None):
-    """Every depth step on ``h``; returns the hidden state at the rows' current positions ``[B, 1, d]``.
+def _run_all_steps(model, h, chunk, cache, record: bool, last: torch.Tensor | None = None):
+    """Every depth step on the packed tokens ``h`` ``[N, d]``; returns the rows' last hidden states ``[B, d]``.
 
+    ``last`` indexes each row's last token in the packed layout (decode chunks: one token per row).
     With ``record``, also the logit lens after each step: (top1, confidence), each ``[steps, B]``.
     """
     rope = model.rope(chunk.positions)
     lens = [] if record else None
-    pick = (lambda x: x) if gather is None else (lambda x: x.gather(1, gather.expand(-1, 1, x.shape[-1])))
+    pick = (lambda x: x) if last is None else (lambda x: x[last])
     for step in range(model.num_steps):
         h = model.run_step(step, h, rope, cache, chunk)
         if record:
-            lens.append(logit_lens(model, pick(h)[:, 0]))
+            lens.append(logit_lens(model, pick(h)))
     if record:
         lens = (torch.stack([a for a, _ in lens]), torch.stack([b for _, b in lens]))
     return pick(h), lens

@@ -16,54 +16,71 @@ import torch
 
 @dataclass
 class Chunk:
-    """``T`` new tokens per batch row, right-padded: row ``b`` has ``counts[b]`` real tokens.
+    """New tokens of a ragged batch, packed: ``N`` tokens, token ``i`` belongs to batch row ``rows[i]``.
 
-    positions: ``[B, T]`` rotary positions. slots: ``[B, T]`` cache slot of each token.
-    Query ``t`` of row ``b`` sees cache slots ``< starts[b] + t + 1`` (causal, ragged).
+    Hidden states travel packed (``[N, d]``), so projections and MLPs spend no work on padding;
+    attention unpacks queries to ``[B, width, ...]``. Token ``i`` is the ``cols[i]``-th new token of its
+    row, has rotary position ``positions[i]``, is written to cache slot ``slots[i]``, and sees the
+    cache slots ``<= slots[i]`` of its row (causal, ragged).
     """
 
-    positions: torch.Tensor
-    slots: torch.Tensor
-    counts: torch.Tensor
+    rows: torch.Tensor  # [N]
+    cols: torch.Tensor  # [N]
+    slots: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    batch_size: int
+    width: int  # max new tokens in a row
     kv_len: int  # slots [0, kv_len) cover every row's visible keys
-    attn_mask: torch.Tensor  # [B, 1, T, kv_len] bool
-    write_rows: torch.Tensor  # flat indices of the real tokens: rows ...
-    write_cols: torch.Tensor  # ... and their column in the chunk
+    attn_mask: torch.Tensor  # [B, 1, width, kv_len] bool
+    dense: bool  # rows/cols enumerate the full [B, width] grid in order: unpacking is a reshape
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.rows)
 
     @classmethod
-    def build(cls, starts: torch.Tensor, counts: torch.Tensor, width: int | None = None,
-              positions: torch.Tensor | None = None) -> "Chunk":
-        """Tokens of row b occupy slots ``starts[b] .. starts[b] + counts[b] - 1``.
+    def build(cls, starts: torch.Tensor, counts: torch.Tensor, positions: torch.Tensor | None = None) -> "Chunk":
+        """Row ``b`` gets ``counts[b]`` new tokens in slots ``starts[b] .. starts[b] + counts[b] - 1``.
 
-        ``positions`` defaults to the slots (a sequence's n-th token at position n).
+        ``positions`` (packed, ``[N]``) defaults to the slots: a sequence's n-th token at position n.
         """
-        starts = starts.long()
-        counts = counts.long()
+        starts, counts = starts.long(), counts.long()
         device = starts.device
-        width = int(counts.max()) if width is None else width
+        batch, width = len(starts), int(counts.max())
         offsets = torch.arange(width, device=device)
-        slots = starts[:, None] + offsets[None, :]
         valid = offsets[None, :] < counts[:, None]
+        dense = bool(valid.all())
+        rows, cols = valid.nonzero(as_tuple=True)
+        slots = starts[rows] + cols
         kv_len = max(1, int((starts + counts).max()))
-        keys = torch.arange(kv_len, device=device)
-        attn_mask = (keys[None, None, :] <= slots[:, :, None])[:, None]
-        if bool(valid.all()):
-            rows = torch.arange(len(starts), device=device).repeat_interleave(width)
-            cols = offsets.repeat(len(starts))
-        else:
-            rows, cols = valid.nonzero(as_tuple=True)
-        return cls(positions=slots if positions is None else positions, slots=slots, counts=counts,
-                   kv_len=kv_len, attn_mask=attn_mask, write_rows=rows, write_cols=cols)
+        query_slots = starts[:, None] + offsets[None, :]  # padding queries see junk, never used
+        attn_mask = (torch.arange(kv_len, device=device)[None, None, :] <= query_slots[:, :, None])[:, None]
+        return cls(rows=rows, cols=cols, slots=slots, positions=slots if positions is None else positions,
+                   batch_size=batch, width=width, kv_len=kv_len, attn_mask=attn_mask, dense=dense)
 
     @classmethod
-    def prefill(cls, lengths: list[int], device=None) -> "Chunk":
-        counts = torch.tensor(lengths, device=device)
-        return cls.build(torch.zeros_like(counts), counts)
+    def prefill(cls, lengths: torch.Tensor) -> "Chunk":
+        """Whole prompts of the given lengths into an empty cache."""
+        return cls.build(torch.zeros_like(lengths), lengths)
 
     @classmethod
     def decode(cls, lengths: torch.Tensor) -> "Chunk":
         """One new token per row, written after the row's ``lengths`` cached tokens."""
-        return cls.build(lengths, torch.ones_like(lengths), width=1)
+        return cls.build(lengths, torch.ones_like(lengths))
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]`` -> ``[B, width, ...]`` (zeros where a row has fewer tokens)."""
+        if self.dense:
+            return x.view(self.batch_size, self.width, *x.shape[1:])
+        out = x.new_zeros(self.batch_size, self.width, *x.shape[1:])
+        out[self.rows, self.cols] = x
+        return out
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, width, ...]`` -> ``[N, ...]``."""
+        if self.dense:
+            return x.reshape(self.num_tokens, *x.shape[2:])
+        return x[self.rows, self.cols]
 
 
 class KVCache:
@@ -90,14 +107,12 @@ class KVCache:
         return self.k.shape[1]
 
     def write_and_read(self, step: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
-        """Store the chunk's real tokens (``k, v``: ``[B, H, T, D]``) and return the visible keys/values."""
+        """Store the chunk's packed keys/values (``[N, H, D]``); return the visible ones ``[B, H, kv_len, D]``."""
         if chunk.kv_len > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} slots is too small for {chunk.kv_len} tokens; "
                              "allocate it with a larger capacity")
-        rows, cols = chunk.write_rows, chunk.write_cols
-        slots = chunk.slots[rows, cols]
-        self.k[step][rows, :, slots] = k[rows, :, cols]
-        self.v[step][rows, :, slots] = v[rows, :, cols]
+        self.k[step][chunk.rows, :, chunk.slots] = k
+        self.v[step][chunk.rows, :, chunk.slots] = v
         return self.k[step][:, :, :chunk.kv_len], self.v[step][:, :, :chunk.kv_len]
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -91,7 +91,7 @@ def _yarn(config: ModelConfig, base: float, dim: int) -> tuple[torch.Tensor, flo
 
 
 class Rotary(nn.Module):
-    """cos/sin tables for arbitrary ``[B, T]`` positions (ragged batches have per-row positions)."""
+    """cos/sin for arbitrary positions: ``[B, T]`` for a plain forward, packed ``[N]`` for a ragged chunk."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -100,6 +100,7 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of shape ``positions.shape + (1, head_dim)``: they broadcast over heads."""
         inv_freq = self.inv_freq
         if self.config.rope.get("rope_type") == "dynamic":
             seq_len = int(positions.max()) + 1
@@ -107,7 +108,7 @@ class Rotary(nn.Module):
                 inv_freq = rope_inverse_frequencies(self.config, seq_len)[0].to(positions.device)
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype)[:, None], (emb.sin() * self.scale).to(dtype)[:, None]
+        return (emb.cos() * self.scale).to(dtype).unsqueeze(-2), (emb.sin() * self.scale).to(dtype).unsqueeze(-2)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,19 +131,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache)."""
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.num_heads != self.num_kv_heads
         if cache is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=gqa).transpose(1, 2)
         else:
-            k, v = cache.write_and_read(step, k, v, chunk)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=chunk.attn_mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            keys, values = cache.write_and_read(step, k, v, chunk)
+            q = chunk.unpack(q).transpose(1, 2)  # [B, heads, width, head_dim]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
+            out = chunk.pack(out.transpose(1, 2))
+        return self.o_proj(out.reshape(*shape, -1))
 
 
 class MLP(nn.Module):
@@ -208,7 +213,7 @@ class Decoder(nn.Module):
 
     def run_step(self, step: int, h: torch.Tensor, rope, cache: KVCache | None = None,
                  chunk: Chunk | None = None) -> torch.Tensor:
-        """Depth step ``step`` on hidden states ``h`` ``[B, T, d]``; with a cache, as addressed by ``chunk``."""
+        """Depth step ``step`` on ``h``: ``[B, T, d]`` without a cache, or packed ``[N, d]`` addressed by ``chunk``."""
         return self.layers[self.plan[step]](h, rope, cache, step, chunk)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
