@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.cache import Chunk, KVCache
+from .policy import Decision, DepthPolicy, logit_lens, run_steps  # noqa: F401 (logit_lens re-exported)
 from .sampling import Sampler
 from .trace import IDLE, EngineStep, TokenTrace, Trace
 
@@ -70,21 +71,20 @@ def check_prompts(model, prompt_ids: list[list[int]], max_new_tokens: int) -> No
             raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
 
 
-def logit_lens(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-1 token and its probability if the model stopped here (final norm + LM head)."""
-    probs = model.head(h).float().softmax(-1)
-    conf, top1 = probs.max(-1)
-    return top1, conf
-
-
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, sampler: Sampler | None = None,
-                 eos_token_ids: list[int] | None = None, record_predictions: bool = False):
-    """The engine core: token ids in, (generated ids per prompt, Trace) out."""
+                 eos_token_ids: list[int] | None = None, record_predictions: bool = False,
+                 policy: DepthPolicy | None = None):
+    """The engine core: token ids in, (generated ids per prompt, Trace) out.
+
+    ``policy`` decides the depth of every decode step (default: the full model). Prompts are always
+    prefilled at full depth, so every layer's KV exists for every prompt token.
+    """
     check_prompts(model, prompt_ids, max_new_tokens)
     sampler = sampler or Sampler()
+    policy = policy or DepthPolicy()
     eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    device, steps = model.device, range(model.num_steps)
+    device, all_steps = model.device, list(range(model.num_steps))
     batch = len(prompt_ids)
     lengths = torch.tensor([len(p) for p in prompt_ids], device=device)
     cache = KVCache.for_model(model, batch, int(lengths.max()) + max_new_tokens)
@@ -95,16 +95,22 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
     # Prefill: all prompts in one packed pass (no work on padding); keep each row's last token.
     chunk = Chunk.prefill(lengths)
     ids = torch.tensor([t for p in prompt_ids for t in p], device=device)
-    h, lens = _run_all_steps(model, model.embed(ids), chunk, cache, record_predictions, lengths.cumsum(0) - 1)
+    last = lengths.cumsum(0) - 1
+    h, lens = run_steps(model, model.embed(ids), all_steps, cache, chunk, record=record_predictions,
+                        pick=lambda x: x[last])
+    decision = Decision(model.head(h[last]), [all_steps] * batch, None, [], lens)
     trace.engine_steps.append(EngineStep("prefill", list(range(batch)), ["prefill"] * batch, int(lengths.sum())))
+    policy.begin(model, batch)
 
     for t in range(max_new_tokens):
-        next_tokens = sampler(model.head(h)).tolist()
+        next_tokens = sampler(decision.logits).tolist()
         keep = []
         for row, seq in enumerate(live):
             token = next_tokens[row]
             outputs[seq].append(token)
-            trace.tokens[seq].append(TokenTrace(token, list(steps), *(_lens_row(lens, row))))
+            top1, conf = _lens_row(decision.lens, row)
+            deferred = bool(decision.deferred[row]) if decision.deferred else False
+            trace.tokens[seq].append(TokenTrace(token, decision.steps[row], top1, conf, deferred))
             if token not in eos and len(outputs[seq]) < max_new_tokens:
                 keep.append(row)
         if not keep:
@@ -112,36 +118,19 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
         if len(keep) < len(live):  # finished rows leave the batch
             rows = torch.tensor(keep, device=device)
             cache.keep_rows(rows)
+            policy.keep_rows(keep)
             lengths = lengths[rows]
             live = [live[r] for r in keep]
             next_tokens = [next_tokens[r] for r in keep]
-        chunk = Chunk.decode(lengths)
         x = model.embed(torch.tensor(next_tokens, device=device))
-        h, lens = _run_all_steps(model, x, chunk, cache, record_predictions)
+        decision = policy.decode(x, lengths, cache, t, record=record_predictions)
         lengths = lengths + 1
-        serving = set(live)
-        trace.engine_steps.append(EngineStep(
-            "decode", [s if s in serving else None for s in range(batch)],
-            ["decode" if s in serving else IDLE for s in range(batch)], len(live)))
+        for sub in decision.substeps:
+            activity, sequences = [IDLE] * batch, [None] * batch
+            for row, seq in enumerate(live):
+                activity[seq], sequences[seq] = sub.activity[row], (seq if sub.activity[row] != IDLE else None)
+            trace.engine_steps.append(EngineStep(sub.kind, sequences, activity, sub.tokens))
     return outputs, trace
-
-
-def _run_all_steps(model, h, chunk, cache, record: bool, last: torch.Tensor | None = None):
-    """Every depth step on the packed tokens ``h`` ``[N, d]``; returns the rows' last hidden states ``[B, d]``.
-
-    ``last`` indexes each row's last token in the packed layout (decode chunks: one token per row).
-    With ``record``, also the logit lens after each step: (top1, confidence), each ``[steps, B]``.
-    """
-    rope = model.rope(chunk.positions)
-    lens = [] if record else None
-    pick = (lambda x: x) if last is None else (lambda x: x[last])
-    for step in range(model.num_steps):
-        h = model.run_step(step, h, rope, cache, chunk)
-        if record:
-            lens.append(logit_lens(model, pick(h)))
-    if record:
-        lens = (torch.stack([a for a, _ in lens]), torch.stack([b for _, b in lens]))
-    return pick(h), lens
 
 
 def _lens_row(lens, row: int):
@@ -154,11 +143,12 @@ def _lens_row(lens, row: int):
 def generate(model, tokenizer, prompts, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int | None = None, chat: bool = False, eos_token_id: int | list[int] | None = None,
-             record_predictions: bool = False) -> GenerationOutput:
+             record_predictions: bool = False, policy: DepthPolicy | None = None) -> GenerationOutput:
     """Generate for a batch of prompts (strings, chat messages with ``chat=True``, or token-id lists).
 
     Mirrors ``transformers``' ``generate`` arguments. ``record_predictions`` adds the per-step
-    logit-lens top-1 token and confidence of every generated token to the trace.
+    logit-lens top-1 token and confidence of every generated token to the trace. ``policy`` picks the
+    depth of each decode step (default: full depth; see ``mor_lab.early_exit`` for the others).
     """
     sampler = Sampler(do_sample, temperature, top_k, top_p, seed)
     prompt_ids = encode_prompts(tokenizer, prompts, chat)
@@ -166,6 +156,6 @@ def generate(model, tokenizer, prompts, max_new_tokens: int = 64, do_sample: boo
         eos_token_id = tokenizer.eos_token_id
     eos = list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     eos = sorted({e for e in eos + model.config.eos_token_ids if e is not None})
-    token_ids, trace = generate_ids(model, prompt_ids, max_new_tokens, sampler, eos, record_predictions)
+    token_ids, trace = generate_ids(model, prompt_ids, max_new_tokens, sampler, eos, record_predictions, policy)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
     return GenerationOutput(texts, token_ids, trace, prompt_ids)

@@ -106,13 +106,16 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def write_and_read(self, step: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk):
-        """Store the chunk's packed keys/values (``[N, H, D]``); return the visible ones ``[B, H, kv_len, D]``."""
+    def write(self, step: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk) -> None:
+        """Store the chunk's packed keys/values (``[N, kv_heads, head_dim]``) in step ``step``'s cache."""
         if chunk.kv_len > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} slots is too small for {chunk.kv_len} tokens; "
                              "allocate it with a larger capacity")
         self.k[step][chunk.rows, :, chunk.slots] = k
         self.v[step][chunk.rows, :, chunk.slots] = v
+
+    def read(self, step: int, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values the chunk's queries may see: ``[B, kv_heads, kv_len, head_dim]`` views."""
         return self.k[step][:, :, :chunk.kv_len], self.v[step][:, :, :chunk.kv_len]
 
     def keep_rows(self, rows: torch.Tensor) -> None:

@@ -130,24 +130,32 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None):
-        """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache)."""
+    def project(self, x, rope):
         shape = x.shape[:-1]
         q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None):
+        """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache)."""
+        q, k, v = self.project(x, rope)
         gqa = self.num_heads != self.num_kv_heads
         if cache is None:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                  is_causal=True, enable_gqa=gqa).transpose(1, 2)
         else:
-            keys, values = cache.write_and_read(step, k, v, chunk)
+            cache.write(step, k, v, chunk)
+            keys, values = cache.read(step, chunk)
             q = chunk.unpack(q).transpose(1, 2)  # [B, heads, width, head_dim]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
             out = chunk.pack(out.transpose(1, 2))
-        return self.o_proj(out.reshape(*shape, -1))
+        return self.o_proj(out.reshape(*x.shape[:-1], -1))
+
+    def write_kv(self, x, rope, cache: KVCache, step: int, chunk: Chunk) -> None:
+        """Only this layer's keys/values for ``x`` into the cache (no attention, no output)."""
+        cache.write(step, *self.project(x, rope)[1:], chunk)
 
 
 class MLP(nn.Module):
@@ -215,6 +223,12 @@ class Decoder(nn.Module):
                  chunk: Chunk | None = None) -> torch.Tensor:
         """Depth step ``step`` on ``h``: ``[B, T, d]`` without a cache, or packed ``[N, d]`` addressed by ``chunk``."""
         return self.layers[self.plan[step]](h, rope, cache, step, chunk)
+
+    def propagate_state(self, step: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk) -> None:
+        """CALM's state propagation: a token that exited before ``step`` still gets this step's KV,
+        computed from its exited hidden state ``h``, so later tokens find a complete cache."""
+        layer = self.layers[self.plan[step]]
+        layer.self_attn.write_kv(layer.input_layernorm(h), rope, cache, step, chunk)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
