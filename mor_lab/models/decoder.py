@@ -278,8 +278,11 @@ class Decoder(nn.Module):
         return model.to(device) if device else model
 
 
-def random_decoder(config: ModelConfig | None = None, seed: int = 0, **overrides) -> Decoder:
-    """A randomly initialised decoder (tests, speed benchmarks); weights ~ N(0, 0.02) like Llama."""
+def random_decoder(config: ModelConfig | None = None, seed: int = 0, std: float = 0.02, **overrides) -> Decoder:
+    """A randomly initialised decoder (tests, speed benchmarks); weights ~ N(0, std), 0.02 like Llama.
+
+    A larger ``std`` gives peaked, varied next-token distributions: early-exit tests need both
+    confident and unsure tokens."""
     config = config or ModelConfig(**overrides)
     generator = torch.Generator().manual_seed(seed)
     model = Decoder(config)
@@ -290,5 +293,5 @@ def random_decoder(config: ModelConfig | None = None, seed: int = 0, **overrides
             elif p.dim() == 1:
                 p.zero_()
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
     return model.eval()
