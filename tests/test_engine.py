@@ -117,3 +117,18 @@ def test_cache_root_respects_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "mor_lab"
     monkeypatch.setenv("MOR_LAB_CACHE", str(tmp_path / "x"))
     assert cache_root() == tmp_path / "x"
+
+
+def test_teacher_forcing_records_logprobs_of_the_forced_tokens(tiny):
+    prompts, forced = [[1, 2, 3], [4, 5]], [[7, 8, 9, 10], [11, 12]]
+    ids, trace = mor_lab.generate_ids(tiny, prompts, forced=forced)
+    assert ids == forced
+    for prompt, cont, tokens in zip(prompts, forced, trace.tokens):
+        with torch.no_grad():
+            logp = tiny(torch.tensor([prompt + cont])).log_softmax(-1)[0]
+        for i, t in enumerate(tokens):
+            position = len(prompt) - 1 + i
+            assert abs(t.logprob - logp[position, cont[i]].item()) < 1e-4
+            assert t.predicted == int(logp[position].argmax())
+    with pytest.raises(ValueError, match="forced"):
+        mor_lab.generate_ids(tiny, prompts, forced=[[1]])

@@ -74,12 +74,19 @@ def check_prompts(model, prompt_ids: list[list[int]], max_new_tokens: int) -> No
 @torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, sampler: Sampler | None = None,
                  eos_token_ids: list[int] | None = None, record_predictions: bool = False,
-                 policy: DepthPolicy | None = None):
+                 policy: DepthPolicy | None = None, forced: list[list[int]] | None = None):
     """The engine core: token ids in, (generated ids per prompt, Trace) out.
 
     ``policy`` decides the depth of every decode step (default: the full model). Prompts are always
     prefilled at full depth, so every layer's KV exists for every prompt token.
+    ``forced`` (teacher forcing): feed these continuations instead of sampling; each TokenTrace then
+    records the policy's own ``predicted`` token and the ``logprob`` of the forced one (for
+    teacher-forced agreement and perplexity of any depth policy).
     """
+    if forced is not None:
+        if len(forced) != len(prompt_ids) or not all(forced):
+            raise ValueError("forced needs one non-empty continuation per prompt")
+        max_new_tokens = max(map(len, forced))
     check_prompts(model, prompt_ids, max_new_tokens)
     sampler = sampler or Sampler()
     policy = policy or DepthPolicy()
@@ -104,14 +111,23 @@ def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 64, s
 
     for t in range(max_new_tokens):
         next_tokens = sampler(decision.logits).tolist()
+        if forced is not None:
+            predicted = next_tokens
+            next_tokens = [forced[seq][t] for seq in live]
+            rows = torch.arange(len(live), device=device)
+            logprobs = decision.logits.float().log_softmax(-1)[rows, torch.tensor(next_tokens, device=device)]
         keep = []
         for row, seq in enumerate(live):
             token = next_tokens[row]
             outputs[seq].append(token)
             top1, conf = _lens_row(decision.lens, row)
             deferred = bool(decision.deferred[row]) if decision.deferred else False
-            trace.tokens[seq].append(TokenTrace(token, decision.steps[row], top1, conf, deferred))
-            if token not in eos and len(outputs[seq]) < max_new_tokens:
+            record = TokenTrace(token, decision.steps[row], top1, conf, deferred)
+            if forced is not None:
+                record.predicted, record.logprob = predicted[row], float(logprobs[row])
+            trace.tokens[seq].append(record)
+            limit = len(forced[seq]) if forced is not None else max_new_tokens
+            if (forced is not None or token not in eos) and len(outputs[seq]) < limit:
                 keep.append(row)
         if not keep:
             break

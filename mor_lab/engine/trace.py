@@ -18,6 +18,8 @@ class TokenTrace:
     top1: list[int] | None = None  # logit-lens top-1 after each step in ``steps``
     confidence: list[float] | None = None  # its softmax probability
     deferred: bool = False  # deep steps ran later, in a parallel pass (FREE)
+    predicted: int | None = None  # teacher forcing: the policy's own top choice ...
+    logprob: float | None = None  # ... and the log-probability it gave the forced token
 
     @property
     def exit_step(self) -> int:
