@@ -24,7 +24,7 @@ def exit_logits(model, heads, h: torch.Tensor, exit_layer: int) -> torch.Tensor:
 
 
 def _classifier(heads, exit_layer: int):
-    return None if heads is None else heads.classifier(exit_layer)
+    return None if heads is None else heads.meta[str(exit_layer)]
 
 
 class StaticExit(DepthPolicy):

@@ -1,0 +1,440 @@
+"""Exit heads: where a token may stop, and a light trained head to read its prediction out there.
+
+An exit "after k layers" reads the hidden state after ``k`` depth steps (``hidden[k]`` in the
+``Decoder(..., return_hidden=True)`` stack, whose index 0 is the embedding). Its logits are the
+model's own final norm + LM head applied to ``adapter(hidden[k])``, as in FREE and CALM, which reuse
+the head. The adapter is a residual linear map ``h + W h + b`` (optionally low rank), zero-initialised
+so that an untrained exit head *is* the plain logit lens; training it against the full model is the
+"tuned lens" idea (Belrose et al., 2023). Each exit also owns a :class:`MetaClassifier` for the
+``meta`` confidence measure.
+
+FREE uses one shallow exit (``exit_layers=[L_S]``, see :func:`free_shallow_layers`); CALM may use many.
+Training here is built for a 2-core CPU: the backbone stays frozen and runs once over the training
+tokens (:func:`cache_exit_states`); the heads then train on the cached states
+(:func:`train_exit_heads`), the teacher logits recomputed from the cached final state each step
+(caching ``[tokens, vocab]`` logits would cost far more memory than the LM-head matmul costs time).
+``full_finetune=True`` trains the whole model with the same objective, for GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from ..train.losses import (IGNORE_INDEX, KD_KINDS, calm_loss, free_loss, kl_distill, meta_loss,
+                            next_token_targets)
+from .confidence import MEASURES, MetaClassifier, confidence
+
+ADAPTERS = ("none", "linear")
+OBJECTIVES = ("free", "calm")
+
+# FREE's reference code maps shallow layer j to a deep "teacher" layer with a hand-made table
+# (num_layers -> shallow layers -> teacher layers); other depths use the same uniform rule.
+REFERENCE_TEACHER_LAYERS = {
+    24: {12: [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23], 10: [2, 5, 7, 10, 12, 15, 17, 19, 21, 23],
+         8: [2, 5, 8, 11, 14, 17, 20, 23], 6: [3, 7, 11, 15, 19, 23], 4: [5, 11, 17, 23]},
+    12: {3: [3, 7, 11]},
+}
+
+
+def free_shallow_layers(num_layers: int, fraction: float = 0.25) -> int:
+    """FREE's shallow exit depth: a quarter of the layers, rounded half up (6 of 24, 8 of 30)."""
+    if num_layers < 2:
+        raise ValueError(f"num_layers must be >= 2 to have a shallow exit, got {num_layers!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    return min(num_layers - 1, max(1, int(num_layers * fraction + 0.5)))
+
+
+def free_layer_map(num_layers: int, shallow_layers: int) -> list[int]:
+    """The deep teacher layer (0-based) each shallow layer ``j`` is distilled from: ``round((j+1)*L/L_S) - 1``.
+
+    24 -> 6 gives [3, 7, 11, 15, 19, 23]; the reference's own table wins where it has an entry.
+    """
+    if not 0 < shallow_layers < num_layers:
+        raise ValueError(f"shallow_layers must be in [1, num_layers) = [1, {num_layers}), got {shallow_layers!r}")
+    if shallow_layers in REFERENCE_TEACHER_LAYERS.get(num_layers, {}):
+        return list(REFERENCE_TEACHER_LAYERS[num_layers][shallow_layers])
+    return [int((j + 1) * num_layers / shallow_layers + 0.5) - 1 for j in range(shallow_layers)]
+
+
+@dataclass
+class ExitConfig:
+    """Where tokens may exit and how an exit reads out its prediction."""
+    exit_layers: list[int]  # exit after this many depth steps, e.g. FREE's [L_S]; the full depth is implicit
+    adapter: str = "linear"  # "none": the plain logit lens; "linear": residual h + W h + b, zero-initialised
+    adapter_rank: int | None = None  # None: a full d x d map; r: h + up(down(h)) through r dimensions
+    measure: str = "margin"  # the confidence measure an exit uses (FREE's default)
+
+    def __post_init__(self):
+        self.validate()
+        self.exit_layers = sorted(self.exit_layers)
+
+    def validate(self) -> None:
+        layers = self.exit_layers
+        if (not isinstance(layers, (list, tuple)) or not layers
+                or any(not isinstance(k, int) or isinstance(k, bool) or k < 1 for k in layers)):
+            raise ValueError(f"ExitConfig.exit_layers must be a non-empty list of depths >= 1, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"ExitConfig.exit_layers has duplicates: {layers!r}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"ExitConfig.adapter = {self.adapter!r} is not supported; allowed: {', '.join(ADAPTERS)}")
+        if self.adapter_rank is not None:
+            if not isinstance(self.adapter_rank, int) or self.adapter_rank < 1:
+                raise ValueError(f"ExitConfig.adapter_rank must be None or a positive integer, got {self.adapter_rank!r}")
+            if self.adapter != "linear":
+                raise ValueError("ExitConfig.adapter_rank needs adapter='linear'")
+        if self.measure not in MEASURES:
+            raise ValueError(f"ExitConfig.measure = {self.measure!r} is not supported; allowed: {', '.join(MEASURES)}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExitConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise ValueError(f"unknown ExitConfig fields {sorted(set(data) - known)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+class ResidualAdapter(nn.Module):
+    """``h + W h + b`` (or ``h + up(down(h))`` at low rank), zero-initialised: untrained, it returns ``h`` exactly."""
+
+    def __init__(self, hidden_size: int, rank: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if rank is None:
+            self.proj = out = nn.Linear(hidden_size, hidden_size)
+        else:
+            down, out = nn.Linear(hidden_size, rank, bias=False), nn.Linear(rank, hidden_size)
+            with torch.no_grad():  # like LoRA: random down, zero up, so the gradient reaches both
+                down.weight.copy_(torch.randn(down.weight.shape, generator=generator) / hidden_size ** 0.5)
+            self.proj = nn.Sequential(down, out)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        return h + self.proj(h.to(dtype)).to(h.dtype)
+
+
+class ExitHeads(nn.Module):
+    """One adapter and one meta classifier per exit of a (usually frozen) backbone."""
+
+    def __init__(self, config: ExitConfig, hidden_size: int, seed: int = 0):
+        super().__init__()
+        self.config, self.hidden_size = config, hidden_size
+        generator = torch.Generator().manual_seed(seed)
+        names = [str(k) for k in config.exit_layers]
+        self.adapters = nn.ModuleDict() if config.adapter == "none" else nn.ModuleDict(
+            {k: ResidualAdapter(hidden_size, config.adapter_rank, generator) for k in names})
+        self.meta = nn.ModuleDict({k: MetaClassifier(hidden_size) for k in names})
+
+    @classmethod
+    def for_model(cls, model, config: ExitConfig, seed: int = 0) -> "ExitHeads":
+        heads = cls(config, model.config.hidden_size, seed)
+        heads.check(model)
+        return heads.to(model.device)
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return list(self.config.exit_layers)
+
+    def check(self, model) -> None:
+        """Raise if these heads do not fit ``model`` (width, or an exit at or beyond its full depth)."""
+        if model.config.hidden_size != self.hidden_size:
+            raise ValueError(f"exit heads are for hidden_size {self.hidden_size}, the model has "
+                             f"{model.config.hidden_size}")
+        too_deep = [k for k in self.exit_layers if k >= model.num_steps]
+        if too_deep:
+            raise ValueError(f"ExitConfig.exit_layers {too_deep} must be < the model's {model.num_steps} depth "
+                             f"steps (the full depth is always the last exit)")
+
+    def _key(self, exit_layer: int) -> str:
+        if exit_layer not in self.config.exit_layers:
+            raise ValueError(f"no exit after {exit_layer} layers; exits: {self.exit_layers}")
+        return str(exit_layer)
+
+    def adapt(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        key = self._key(exit_layer)
+        return self.adapters[key](hidden) if key in self.adapters else hidden
+
+    def logits(self, model, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        """The exit's logits: ``model.head(adapter(hidden))``, the model's own final norm + LM head."""
+        return model.head(self.adapt(hidden, exit_layer))
+
+    def confidence(self, exit_layer: int, hidden: torch.Tensor, model=None, logits: torch.Tensor | None = None,
+                   prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured measure at this exit; logits are computed from ``model`` when needed and not given."""
+        measure = self.config.measure
+        if measure in ("softmax", "margin") and logits is None:
+            if model is None:
+                raise ValueError(f"measure {measure!r} needs logits or a model to compute them")
+            logits = self.logits(model, hidden, exit_layer)
+        return confidence(measure, logits=logits, hidden=hidden, prev_hidden=prev_hidden,
+                          classifier=self.meta[self._key(exit_layer)])
+
+    # Checkpoints: safetensors + JSON; a reload is bit-identical.
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(directory / "exit_heads.safetensors"))
+        meta = {"config": self.config.to_dict(), "hidden_size": self.hidden_size}
+        (directory / "exit_heads.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, device=None) -> "ExitHeads":
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        meta = json.loads((directory / "exit_heads.json").read_text())
+        heads = cls(ExitConfig.from_dict(meta["config"]), meta["hidden_size"])
+        heads.load_state_dict(load_file(str(directory / "exit_heads.safetensors")))
+        return heads.to(device) if device else heads
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training on a frozen backbone: cache once, then train the heads on the cache.
+
+@dataclass
+class ExitCache:
+    """What training exit heads needs from a frozen backbone, one row per token."""
+    exits: dict[int, torch.Tensor]  # exit layer -> [N, d] hidden state after that many depth steps
+    final: torch.Tensor  # [N, d] the last depth step's hidden state (before the final norm)
+    targets: torch.Tensor  # [N] the next token, IGNORE_INDEX at the end of each block
+
+    @property
+    def num_tokens(self) -> int:
+        return self.final.shape[0]
+
+
+def _blocks(tokens) -> Iterable[torch.Tensor]:
+    """``[T]``, ``[B, T]`` or an iterable of ``[B, T]`` blocks (e.g. a TokenBatches epoch) -> ``[B, T]`` blocks."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() not in (1, 2):
+            raise ValueError(f"token ids must be [T] or [B, T], got shape {tuple(tokens.shape)}")
+        return [tokens.view(1, -1) if tokens.dim() == 1 else tokens]
+    return tokens
+
+
+@torch.no_grad()
+def cache_exit_states(model, tokens, exit_layers: list[int], progress: bool = False) -> ExitCache:
+    """Run the frozen ``model`` once over ``tokens`` and keep the hidden states at ``exit_layers`` and the last.
+
+    ``no_grad`` rather than ``inference_mode``: the cached tensors later feed trainable adapters.
+    """
+    wanted = set(exit_layers)
+    if any(k < 1 or k >= model.num_steps for k in wanted):
+        raise ValueError(f"exit_layers {sorted(exit_layers)} must be in [1, {model.num_steps})")
+    exits, finals, targets = {k: [] for k in wanted}, [], []
+    blocks = _blocks(tokens)
+    if progress:
+        from tqdm.auto import tqdm
+        blocks = tqdm(blocks, desc="caching hidden states", unit="batch")
+    for ids in blocks:
+        ids = ids.to(model.device)
+        B, T = ids.shape
+        rope = model.rope(torch.arange(T, device=ids.device).expand(B, T))
+        h = model.embed(ids)
+        for step in range(model.num_steps):
+            h = model.run_step(step, h, rope)
+            if step + 1 in wanted:
+                exits[step + 1].append(h.reshape(B * T, -1))
+        finals.append(h.reshape(B * T, -1))
+        targets.append(next_token_targets(ids).reshape(-1))
+    if not finals:
+        raise ValueError("cache_exit_states got no token blocks")
+    return ExitCache({k: torch.cat(v) for k, v in sorted(exits.items())}, torch.cat(finals), torch.cat(targets))
+
+
+@dataclass
+class TrainHistory:
+    """Per-step losses of :func:`train_exit_heads` (for a loss curve)."""
+    loss: list[float] = field(default_factory=list)  # the exits' objective (FREE or CALM)
+    meta_loss: list[float] = field(default_factory=list)  # the meta classifiers' BCE (empty if not trained)
+    seconds: float = 0.0
+
+
+def exit_objective(objective: str, exit_logits: dict[int, torch.Tensor], deep_logits: torch.Tensor,
+                   targets: torch.Tensor, num_layers: int, alpha: float = 0.5, kd: str = "kl",
+                   temperature: float = 1.0, hidden=None) -> torch.Tensor:
+    """FREE's shallow-deep loss (one exit) or CALM's depth-weighted CE over all exits + the deep one.
+
+    CALM's variant adds ``alpha`` times the mean KL from the deep logits to each exit's, as FREE does;
+    ``alpha=0`` gives CALM's plain objective.
+    """
+    if objective == "free":
+        if len(exit_logits) != 1:
+            raise ValueError(f"objective 'free' has one shallow exit, got exits {sorted(exit_logits)}")
+        (layer, logits), = exit_logits.items()
+        from_map = kd == "mse"
+        return free_loss(logits, deep_logits, targets, shallow_layers=layer, num_layers=num_layers, alpha=alpha,
+                         kd=kd, hidden=hidden, layer_map=free_layer_map(num_layers, layer) if from_map else None,
+                         temperature=temperature).total
+    if objective != "calm":
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if kd != "kl":
+        raise ValueError("objective 'calm' distils with kd='kl' only")
+    ce = calm_loss([*exit_logits.values(), deep_logits], targets, [*exit_logits, num_layers])
+    kl = torch.stack([kl_distill(logits, deep_logits, temperature) for logits in exit_logits.values()]).mean()
+    return ce + alpha * kl
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """Backbone weights without gradients for the duration (gradients still flow *through* them)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def _token_batches(num_tokens: int, batch_tokens: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Row indices: epochs of a seeded permutation, ``batch_tokens`` at a time (all rows if fewer)."""
+    while True:
+        order = torch.randperm(num_tokens, generator=generator)
+        for i in range(0, max(1, num_tokens - batch_tokens + 1), batch_tokens):
+            yield order[i:i + batch_tokens]
+
+
+def _repeat_blocks(tokens) -> Iterator[torch.Tensor]:
+    while True:
+        empty = True
+        for ids in _blocks(tokens):
+            empty = False
+            yield ids
+        if empty:
+            raise ValueError("train_exit_heads got no token blocks (an exhausted iterator?)")
+
+
+def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: float = 1e-3,
+                     batch_tokens: int = 256, objective: str | None = None, alpha: float = 0.5, kd: str = "kl",
+                     temperature: float = 1.0, train_meta: bool = True, weight_decay: float = 0.0, seed: int = 0,
+                     progress: bool = True, full_finetune: bool = False,
+                     checkpoint: str | Path | None = None) -> TrainHistory:
+    """Train ``heads`` (adapters + meta classifiers) with AdamW; returns the per-step losses.
+
+    ``data``: an :class:`ExitCache`, or token ids (``[T]``, ``[B, T]`` or an iterable of ``[B, T]`` blocks,
+    e.g. ``TokenBatches``) that are cached first. The backbone is frozen and each step samples
+    ``batch_tokens`` cached tokens. ``objective``: "free" (one exit) or "calm"; ``None`` picks "free"
+    for a single exit. ``kd="kl"`` (see :mod:`mor_lab.train.losses` for why, and ``"mse"``).
+
+    ``full_finetune=True`` trains the whole model and the heads on ``data`` token blocks (one block
+    per step, cycling), where ``kd="mse"`` is FREE's reference KD. Meta classifiers learn the label
+    "this exit's top-1 equals the full model's top-1". ``checkpoint``: a directory to save the heads
+    to (and the model, under ``model/``, when fine-tuned).
+    """
+    heads.check(model)
+    objective = objective or ("free" if len(heads.exit_layers) == 1 else "calm")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    if kd not in KD_KINDS:
+        raise ValueError(f"unknown kd {kd!r}; allowed: {', '.join(KD_KINDS)}")
+    if kd == "mse" and not full_finetune:
+        raise ValueError("kd='mse' needs full_finetune=True: with a frozen backbone the shallow hidden states "
+                         "depend on nothing trainable, so use kd='kl'")
+    if steps < 1 or batch_tokens < 1:
+        raise ValueError(f"steps and batch_tokens must be >= 1, got {steps} and {batch_tokens}")
+    heads.to(model.device)
+    params = list(heads.adapters.parameters()) + (list(heads.meta.parameters()) if train_meta else [])
+    if full_finetune:
+        params += [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: adapter='none' with train_meta=False and a frozen backbone")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    history, start = TrainHistory(), time.perf_counter()
+    num_layers = model.num_steps
+
+    if full_finetune:
+        blocks = _repeat_blocks(data)
+        freeze = contextlib.nullcontext()
+    else:
+        cache = data if isinstance(data, ExitCache) else cache_exit_states(model, data, heads.exit_layers, progress)
+        missing = set(heads.exit_layers) - set(cache.exits)
+        if missing:
+            raise ValueError(f"the cache has no hidden states for exits {sorted(missing)}")
+        rows = _token_batches(cache.num_tokens, batch_tokens, generator)
+        freeze = _frozen(model)
+
+    from tqdm.auto import trange
+    bar = trange(steps, desc="training exit heads", disable=not progress)
+    with freeze:
+        for _ in bar:
+            if full_finetune:
+                ids = next(blocks).to(model.device)
+                targets = next_token_targets(ids)
+                deep_logits, hidden = model(ids, return_hidden=True)
+                exit_hidden = {k: hidden[k] for k in heads.exit_layers}
+            else:
+                idx = next(rows).to(cache.final.device)
+                targets, hidden = cache.targets[idx].to(model.device), None
+                with torch.no_grad():
+                    deep_logits = model.head(cache.final[idx].to(model.device))
+                exit_hidden = {k: cache.exits[k][idx].to(model.device) for k in heads.exit_layers}
+            exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
+            loss = exit_objective(objective, exit_logits, deep_logits, targets, num_layers, alpha, kd,
+                                  temperature, hidden)
+            total = loss
+            if train_meta:
+                final_top1 = deep_logits.detach().argmax(-1)
+                m_loss = torch.stack([meta_loss(heads.meta[str(k)].logit(exit_hidden[k].detach()),
+                                                exit_logits[k].detach().argmax(-1) == final_top1)
+                                      for k in heads.exit_layers]).mean()
+                total = total + m_loss
+                history.meta_loss.append(m_loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            history.loss.append(loss.item())
+            bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
+    history.seconds = time.perf_counter() - start
+    if checkpoint is not None:
+        heads.save(checkpoint)
+        if full_finetune:
+            model.save(Path(checkpoint) / "model")
+    return history
+
+
+@dataclass
+class ExitMetrics:
+    """How one exit does on a set of tokens."""
+    agreement: float  # fraction of tokens whose exit top-1 equals the full model's top-1
+    ce: float  # next-token cross-entropy at the exit
+    kl: float  # KL(full model || exit), mean per token
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate_exit_heads(model, heads: ExitHeads, cache: ExitCache, batch_tokens: int = 512) -> dict[int, ExitMetrics]:
+    """Agreement with the full model, CE and KL at every exit, over all tokens of ``cache``."""
+    heads.check(model)
+    sums = {k: torch.zeros(3, dtype=torch.float64) for k in heads.exit_layers}
+    scored = 0
+    for i in range(0, cache.num_tokens, batch_tokens):
+        final = cache.final[i:i + batch_tokens].to(model.device)
+        targets = cache.targets[i:i + batch_tokens].to(model.device)
+        deep = model.head(final)
+        n_scored = int((targets != IGNORE_INDEX).sum())
+        scored += n_scored
+        for k in heads.exit_layers:
+            logits = heads.logits(model, cache.exits[k][i:i + batch_tokens].to(model.device), k)
+            agree = (logits.argmax(-1) == deep.argmax(-1)).sum()
+            ce = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX,
+                                                   reduction="sum")
+            kl = kl_distill(logits, deep) * len(final)
+            sums[k] += torch.stack([agree.double(), ce.double(), kl.double()]).cpu()
+    n = cache.num_tokens
+    return {k: ExitMetrics(agreement=float(s[0] / n), ce=float(s[1] / max(1, scored)), kl=float(s[2] / n), tokens=n)
+            for k, s in sums.items()}
