@@ -41,15 +41,17 @@ def logit_lens(model, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_steps(model, h: torch.Tensor, steps, cache: KVCache, chunk: Chunk, rope=None, record: bool = False,
               pick=None):
-    """Run ``steps`` on the packed tokens ``h``; optionally the logit lens of ``pick(h)`` after each."""
+    """Run ``steps`` on the packed tokens ``h``; optionally the logit lens of ``pick(h)`` after each.
+
+    The lens runs the LM head once over all recorded steps (one large matmul instead of one per step).
+    """
     rope = model.rope(chunk.positions) if rope is None else rope
-    lens = []
+    states = []
     for step in steps:
         h = model.run_step(step, h, rope, cache, chunk)
         if record:
-            lens.append(logit_lens(model, h if pick is None else pick(h)))
-    stacked = (torch.stack([a for a, _ in lens]), torch.stack([b for _, b in lens])) if record else None
-    return h, stacked
+            states.append(h if pick is None else pick(h))
+    return h, (logit_lens(model, torch.stack(states)) if states else None)
 
 
 def propagate(model, h: torch.Tensor, steps, cache: KVCache, chunk: Chunk, rope=None) -> None:
