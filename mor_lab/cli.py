@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = {"generate": "mor_lab.bench.generate"}
+SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit"}
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-sizes", type=_batch_sizes, default=None)
     bench.add_argument("--max-new-tokens", type=int, default=None)
     bench.add_argument("--device", default=None)
+    bench.add_argument("--shallow-layer", type=int, default=None, help="early-exit: the exit's depth step count")
+    bench.add_argument("--threshold", type=float, default=None, help="early-exit: the margin threshold")
 
     lab = sub.add_parser("lab", help="open the notebooks in JupyterLab")
     lab.add_argument("--dir", default=None, help="folder with the notebooks (default: ./notebooks)")
@@ -69,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         suite = importlib.import_module(SUITES[args.suite])
         kwargs = {"model_name": args.model, "quick": args.quick, "device": args.device,
                   "max_new_tokens": args.max_new_tokens}
-        if args.batch_sizes:
-            kwargs["batch_sizes"] = args.batch_sizes
+        for name in ("batch_sizes", "shallow_layer", "threshold"):
+            if getattr(args, name, None) is not None:
+                kwargs[name] = getattr(args, name)
         print(write_json(suite.run(**kwargs), args.json_path))
         return 0
     if args.command == "lab":
