@@ -140,3 +140,10 @@ def test_invalid_exit_configuration_is_rejected(model):
         run(model, PROMPTS, CalmExit(0.5, [0, 3]))
     with pytest.raises(ValueError, match="measure"):
         CalmExit(0.5, [2], measure="entropy")
+
+
+def test_without_state_propagation_the_cache_has_holes_and_outputs_change(model):
+    full, _ = run(model, PROMPTS, None)
+    fixed, _ = run(model, PROMPTS, CalmExit(0.1, [2, 4], measure="margin", per_row=True))
+    holes, _ = run(model, PROMPTS, CalmExit(0.1, [2, 4], measure="margin", per_row=True, propagate_state=False))
+    assert holes != fixed  # later tokens read zeros where skipped layers' KV should be

@@ -7,6 +7,9 @@ upward and each skipped layer computes only its K/V from it (norm + two projecti
 CALM semantics: in the paper's batched setting the batch leaves an exit point only when *every* row
 is confident (``per_row=False``), so one hard token holds the whole batch. ``per_row=True`` lets each
 row leave on its own: the remaining rows continue as a smaller packed batch.
+
+``propagate_state=False`` leaves the skipped steps' cache slots empty (zeros): the "missing KV"
+problem made visible, for teaching; later tokens then attend to holes.
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ class StaticExit(DepthPolicy):
 
     name = "static"
 
-    def __init__(self, exit_layer: int, heads=None):
-        self.exit_layer, self.heads = exit_layer, heads
+    def __init__(self, exit_layer: int, heads=None, propagate_state: bool = True):
+        self.exit_layer, self.heads, self.propagate_state = exit_layer, heads, propagate_state
 
     def begin(self, model, batch_size: int) -> None:
         if not 0 < self.exit_layer <= model.num_steps:
@@ -45,7 +48,8 @@ class StaticExit(DepthPolicy):
         chunk = Chunk.decode(lengths)
         rope = model.rope(chunk.positions)
         h, _ = run_steps(model, x, range(e), cache, chunk, rope)
-        propagate(model, h, range(e, model.num_steps), cache, chunk, rope)
+        if self.propagate_state:
+            propagate(model, h, range(e, model.num_steps), cache, chunk, rope)
         n = len(x)
         return Decision(exit_logits(model, self.heads, h, e), [list(range(e))] * n, None,
                         [SubStep(f"exit {e}", [f"exit {e}"] * n, n)])
@@ -59,11 +63,12 @@ class CalmExit(DepthPolicy):
     """
 
     def __init__(self, threshold: float, exit_layers, measure: str = "softmax", per_row: bool = False,
-                 heads=None, decay_max_len: int | None = None):
+                 heads=None, decay_max_len: int | None = None, propagate_state: bool = True):
         if measure not in MEASURES:
             raise ValueError(f"unknown confidence measure {measure!r}; allowed: {', '.join(MEASURES)}")
         self.threshold, self.measure, self.per_row = threshold, measure, per_row
         self.exit_layers, self.heads, self.decay_max_len = sorted(set(exit_layers)), heads, decay_max_len
+        self.propagate_state = propagate_state
         self.name = "calm_per_row" if per_row else "calm"
 
     def begin(self, model, batch_size: int) -> None:
@@ -102,8 +107,9 @@ class CalmExit(DepthPolicy):
                     exit_at[r] = e
                 gone = torch.zeros_like(active)
                 gone[leaving] = True
-                out = subset_chunk(lengths, gone)
-                propagate(model, h[ok], range(e, L), cache, out, model.rope(out.positions))
+                if self.propagate_state:
+                    out = subset_chunk(lengths, gone)
+                    propagate(model, h[ok], range(e, L), cache, out, model.rope(out.positions))
                 active &= ~gone
                 h = h[~ok]
                 if not active.any():

@@ -152,12 +152,18 @@ def resolve(name: str | os.PathLike | None) -> Path | str:
     return str(name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(source: Path | str):
+    """The checkpoint's tokenizer; None for a local directory that has none (e.g. random test models)."""
     from transformers import AutoTokenizer
+    if isinstance(source, Path) and not any((source / f).exists() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(source))
-    except OSError as e:
-        raise ModelLoadError(f"no tokenizer found for {str(source)!r}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer of {str(source)!r}: {e}") from None
 
 
 def load_pretrained(name: str | os.PathLike | None = None, *, dtype=torch.float32, device=None,
@@ -169,7 +175,7 @@ def load_pretrained(name: str | os.PathLike | None = None, *, dtype=torch.float3
     source = resolve(name)
     if isinstance(source, Path) and (source / "mor_lab_config.json").exists():
         model = Decoder.load(source, device=device).to(dtype)
-        tokenizer = load_tokenizer(source) if with_tokenizer and (source / "tokenizer_config.json").exists() else None
+        tokenizer = load_tokenizer(source) if with_tokenizer else None
         return model.eval(), tokenizer
     from transformers import AutoConfig
     try:

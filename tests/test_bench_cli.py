@@ -1,0 +1,46 @@
+"""Benchmark suites and the CLI on a tiny local Llama checkpoint (no tokenizer: random prompt ids)."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mor_lab.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_bench_generate_writes_side_by_side_json(tiny_checkpoint, tmp_path):
+    out = tmp_path / "generate.json"
+    assert main(["bench", "generate", "--quick", "--model", str(tiny_checkpoint), "--batch-sizes", "1,3",
+                 "--max-new-tokens", "4", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["suite"] == "generate"
+    rows = {(r["method"], r["batch_size"]): r for r in report["results"]}
+    assert set(rows) == {("hf", 1), ("mor_lab", 1), ("hf", 3), ("mor_lab", 3)}
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["roofline_fraction"]
+        assert r["new_tokens"] == 4 * r["batch_size"]
+    assert rows[("mor_lab", 3)]["identical_to_hf"] is True
+    assert report["roofline"]["matmul_gflops"] > 0 and report["roofline"]["bandwidth_gbs"] > 0
+
+
+def test_cli_rejects_bad_batch_sizes(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "generate", "--batch-sizes", "0,x"])
+    assert "batch-sizes" in capsys.readouterr().err
+
+
+def test_cli_generate_reports_bad_model_cleanly(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    assert main(["generate", "hello", "--model", str(tmp_path)]) == 2
+    assert "unsupported architecture" in capsys.readouterr().err
