@@ -91,7 +91,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 3
             results.append({"method": method, "batch_size": batch_size, "tokens_per_s": round(tokens_per_s, 2),
                             "peak_mem_mb": round(mem.mb, 1), "seconds": round(elapsed(), 3),
                             "new_tokens": tokens,
-                            "roofline_fraction": round(tokens_per_s / limit["tokens_per_s_limit"], 3)})
+                            "roofline_fraction": float(f"{tokens_per_s / limit['tokens_per_s_limit']:.3g}")})
         same = [a == b for a, b in zip(outputs["hf"], outputs["mor_lab"])]
         hf_row, ours = results[-2], results[-1]
         ours["identical_to_hf"] = all(same)
