@@ -129,3 +129,23 @@ def test_smollm2_greedy_matches_hf_alone_and_batched(smollm2, smollm2_hf):
     for prompt_ids, got in zip(out.prompt_ids, out.token_ids):
         expected = smollm2_hf.generate(torch.tensor([prompt_ids]), max_new_tokens=20, do_sample=False)
         assert got == expected[0, len(prompt_ids):].tolist()
+
+
+def test_step_deltas_change_only_their_step_and_save_load(tmp_path):
+    """A recursive plan (steps share physical layers) with a per-step LoRA and per-step norms."""
+    from mor_lab.models.decoder import LoRA, StepDelta
+    model = mor_lab.random_decoder(num_layers=2, seed=5, std=0.1)
+    model.plan = [0, 1, 0, 1]  # two physical layers looped twice
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        base = model(ids)
+        lora = LoRA(model.config.hidden_size, model.config.num_heads * model.config.head_dim, rank=2)
+        model.step_deltas["2"] = StepDelta({"q_proj": lora}, {"input_layernorm": torch.ones(model.config.hidden_size)})
+        assert torch.equal(model(ids), base)  # zero LoRA and unit norms: no change
+        lora.A.normal_(generator=torch.Generator().manual_seed(0))
+        lora.B.normal_(generator=torch.Generator().manual_seed(1))
+        changed = model(ids)
+        assert not torch.allclose(changed, base)
+        model.save(tmp_path)
+        again, _ = mor_lab.load_pretrained(tmp_path)
+        assert again.plan == [0, 1, 0, 1] and torch.equal(again(ids), changed)

@@ -7,6 +7,7 @@ the vanilla plan is ``[0, 1, ..., L-1]``.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -24,11 +25,68 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` overrides the layer's own (a depth step with per-position norms)."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return (self.weight if weight is None else weight) * x.to(dtype)
+
+
+class LoRA(nn.Module):
+    """A low-rank update of one projection: ``x -> scale * (x A^T) B^T`` (zero until trained or initialised)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scale: float = 1.0):
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.T) @ self.B.T * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense ``[out, in]`` update this LoRA adds (for merging)."""
+        return self.B @ self.A * self.scale
+
+
+class StepDelta(nn.Module):
+    """What one depth step adds to the shared layer it runs (recursive plans).
+
+    ``lora``: low-rank updates of projections by name (``q_proj`` ... ``down_proj``), the relaxation
+    of relaxed recursive transformers. ``norms``: the step's own norm weights (``input_layernorm``,
+    ``post_attention_layernorm``) when norms are kept per position instead of tied.
+    """
+
+    def __init__(self, lora: dict[str, LoRA] | None = None, norms: dict[str, torch.Tensor] | None = None):
+        super().__init__()
+        self.lora = nn.ModuleDict(lora or {})
+        self.norms = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in (norms or {}).items()})
+
+    def project(self, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x)
+        return y + self.lora[name](x) if name in self.lora else y
+
+    def norm_weight(self, name: str) -> torch.Tensor | None:
+        return self.norms[name] if name in self.norms else None
+
+    def spec(self) -> dict:
+        """The structure (not the values), enough to rebuild an empty StepDelta before loading weights."""
+        return {"lora": {k: [m.A.shape[0], m.A.shape[1], m.B.shape[0], m.scale] for k, m in self.lora.items()},
+                "norms": {k: v.shape[0] for k, v in self.norms.items()}}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "StepDelta":
+        lora = {k: LoRA(i, o, r, scale) for k, (r, i, o, scale) in spec["lora"].items()}
+        return cls(lora, {k: torch.ones(n) for k, n in spec["norms"].items()})
+
+
+def project(linear: nn.Linear, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
+    return linear(x) if delta is None else delta.project(name, linear, x)
+
+
+def norm(layer_norm: RMSNorm, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
+    return layer_norm(x) if delta is None else layer_norm(x, delta.norm_weight(name))
 
 
 def rope_inverse_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -130,17 +188,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
-    def project(self, x, rope):
+    def project(self, x, rope, delta: StepDelta | None = None):
         shape = x.shape[:-1]
-        q = self.q_proj(x).view(*shape, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        q = project(self.q_proj, "q_proj", x, delta).view(*shape, self.num_heads, self.head_dim)
+        k = project(self.k_proj, "k_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
+        v = project(self.v_proj, "v_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
         cos, sin = rope
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None):
+    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None,
+                delta: StepDelta | None = None):
         """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache)."""
-        q, k, v = self.project(x, rope)
+        q, k, v = self.project(x, rope, delta)
         gqa = self.num_heads != self.num_kv_heads
         if cache is None:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -151,11 +210,11 @@ class Attention(nn.Module):
             q = chunk.unpack(q).transpose(1, 2)  # [B, heads, width, head_dim]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
             out = chunk.pack(out.transpose(1, 2))
-        return self.o_proj(out.reshape(*x.shape[:-1], -1))
+        return project(self.o_proj, "o_proj", out.reshape(*x.shape[:-1], -1), delta)
 
-    def write_kv(self, x, rope, cache: KVCache, step: int, chunk: Chunk) -> None:
+    def write_kv(self, x, rope, cache: KVCache, step: int, chunk: Chunk, delta: StepDelta | None = None) -> None:
         """Only this layer's keys/values for ``x`` into the cache (no attention, no output)."""
-        cache.write(step, *self.project(x, rope)[1:], chunk)
+        cache.write(step, *self.project(x, rope, delta)[1:], chunk)
 
 
 class MLP(nn.Module):
@@ -168,8 +227,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, delta: StepDelta | None = None):
+        gate, up = project(self.gate_proj, "gate_proj", x, delta), project(self.up_proj, "up_proj", x, delta)
+        return project(self.down_proj, "down_proj", F.silu(gate) * up, delta)
 
 
 class DecoderLayer(nn.Module):
@@ -180,9 +240,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, rope, cache=None, step=0, chunk=None):
-        h = h + self.self_attn(self.input_layernorm(h), rope, cache, step, chunk)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, rope, cache=None, step=0, chunk=None, delta: StepDelta | None = None):
+        h = h + self.self_attn(norm(self.input_layernorm, "input_layernorm", h, delta), rope, cache, step, chunk,
+                               delta)
+        return h + self.mlp(norm(self.post_attention_layernorm, "post_attention_layernorm", h, delta), delta)
 
 
 class Decoder(nn.Module):
@@ -199,6 +260,7 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
         self.plan = list(range(config.num_layers)) if plan is None else list(plan)
+        self.step_deltas = nn.ModuleDict()  # str(step) -> StepDelta (recursive plans: LoRA, own norms)
 
     @property
     def num_steps(self) -> int:
@@ -222,13 +284,17 @@ class Decoder(nn.Module):
     def run_step(self, step: int, h: torch.Tensor, rope, cache: KVCache | None = None,
                  chunk: Chunk | None = None) -> torch.Tensor:
         """Depth step ``step`` on ``h``: ``[B, T, d]`` without a cache, or packed ``[N, d]`` addressed by ``chunk``."""
-        return self.layers[self.plan[step]](h, rope, cache, step, chunk)
+        return self.layers[self.plan[step]](h, rope, cache, step, chunk, self.delta(step))
+
+    def delta(self, step: int) -> StepDelta | None:
+        return self.step_deltas[str(step)] if str(step) in self.step_deltas else None
 
     def propagate_state(self, step: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk) -> None:
         """CALM's state propagation: a token that exited before ``step`` still gets this step's KV,
         computed from its exited hidden state ``h``, so later tokens find a complete cache."""
-        layer = self.layers[self.plan[step]]
-        layer.self_attn.write_kv(layer.input_layernorm(h), rope, cache, step, chunk)
+        layer, delta = self.layers[self.plan[step]], self.delta(step)
+        layer.self_attn.write_kv(norm(layer.input_layernorm, "input_layernorm", h, delta), rope, cache, step, chunk,
+                                 delta)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
@@ -259,7 +325,9 @@ class Decoder(nn.Module):
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        save_file(state, str(directory / "model.safetensors"), metadata={"plan": ",".join(map(str, self.plan))})
+        deltas = {k: d.spec() for k, d in self.step_deltas.items()}
+        save_file(state, str(directory / "model.safetensors"),
+                  metadata={"plan": ",".join(map(str, self.plan)), "step_deltas": json.dumps(deltas)})
         self.config.save(directory / "mor_lab_config.json")
 
     @classmethod
@@ -269,8 +337,10 @@ class Decoder(nn.Module):
         directory = Path(directory)
         config = ModelConfig.load(directory / "mor_lab_config.json")
         with safe_open(str(directory / "model.safetensors"), "pt") as f:
-            plan = [int(s) for s in f.metadata()["plan"].split(",")]
-        model = cls(config, plan)
+            metadata = f.metadata()
+        model = cls(config, [int(s) for s in metadata["plan"].split(",")])
+        for step, spec in json.loads(metadata.get("step_deltas", "{}")).items():
+            model.step_deltas[step] = StepDelta.from_spec(spec)
         state = load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
         if config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
