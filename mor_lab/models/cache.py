@@ -106,17 +106,34 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def write(self, step: int, k: torch.Tensor, v: torch.Tensor, chunk: Chunk) -> None:
-        """Store the chunk's packed keys/values (``[N, kv_heads, head_dim]``) in step ``step``'s cache."""
+    def write(self, step: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Chunk) -> None:
+        """Store the chunk's packed keys/values (``[N, kv_heads, head_dim]``) in step ``step``'s cache.
+
+        ``step`` may be a ``[B]`` tensor: each batch row at its own depth step (continuous depth-wise
+        batching runs rows at different recursion loops through one shared layer)."""
         if chunk.kv_len > self.capacity:
             raise ValueError(f"KV cache of {self.capacity} slots is too small for {chunk.kv_len} tokens; "
                              "allocate it with a larger capacity")
+        if isinstance(step, torch.Tensor):
+            steps = step[chunk.rows]
+            self.k[steps, chunk.rows, :, chunk.slots] = k
+            self.v[steps, chunk.rows, :, chunk.slots] = v
+            return
         self.k[step][chunk.rows, :, chunk.slots] = k
         self.v[step][chunk.rows, :, chunk.slots] = v
 
-    def read(self, step: int, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
-        """The keys/values the chunk's queries may see: ``[B, kv_heads, kv_len, head_dim]`` views."""
+    def read(self, step: int | torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values the chunk's queries may see: ``[B, kv_heads, kv_len, head_dim]`` (views for
+        one step; a gathered copy when ``step`` gives each row its own step)."""
+        if isinstance(step, torch.Tensor):
+            rows = torch.arange(len(step), device=step.device)
+            return self.k[:, :, :, :chunk.kv_len][step, rows], self.v[:, :, :, :chunk.kv_len][step, rows]
         return self.k[step][:, :, :chunk.kv_len], self.v[step][:, :, :chunk.kv_len]
+
+    def reset_rows(self, rows: list[int]) -> None:
+        """Free these rows for new sequences (their old keys become unreachable; zeroed for clarity)."""
+        self.k[:, rows] = 0
+        self.v[:, rows] = 0
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Compact the batch to ``rows`` (finished sequences leave, the rest keep their cache)."""

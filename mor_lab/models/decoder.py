@@ -286,6 +286,19 @@ class Decoder(nn.Module):
         """Depth step ``step`` on ``h``: ``[B, T, d]`` without a cache, or packed ``[N, d]`` addressed by ``chunk``."""
         return self.layers[self.plan[step]](h, rope, cache, step, chunk, self.delta(step))
 
+    def run_shared_layer(self, layer: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk,
+                         steps: torch.Tensor) -> torch.Tensor:
+        """Physical ``layer`` on rows that are at different depth steps (``steps``: ``[B]``, per cache row).
+
+        Each row reads and writes the KV cache of its own step: tokens at different recursion loops
+        share one batch through the shared weights (continuous depth-wise batching). Per-step deltas
+        (LoRA relaxation, own norms) would need a multi-LoRA projection and are rejected here.
+        """
+        if any(str(int(s)) in self.step_deltas for s in steps.unique()):
+            raise ValueError("run_shared_layer does not apply per-step deltas (LoRA/norms) yet: merge or drop "
+                             "the relaxation, or decode with the static-batching engine")
+        return self.layers[layer](h, rope, cache, steps, chunk)
+
     def delta(self, step: int) -> StepDelta | None:
         return self.step_deltas[str(step)] if str(step) in self.step_deltas else None
 
