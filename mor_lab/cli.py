@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit"}
+SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit", "cdb": "mor_lab.bench.cdb"}
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from mor_lab.cli import main
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True, eos_token_id=2, bos_token_id=1, pad_token_id=0)
     directory = tmp_path_factory.mktemp("tiny-llama")
@@ -44,3 +44,20 @@ def test_cli_generate_reports_bad_model_cleanly(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     assert main(["generate", "hello", "--model", str(tmp_path)]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
+
+
+def test_bench_cdb_reports_every_method_with_loops_and_utilization(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cdb.json"
+    assert main(["bench", "cdb", "--quick", "--model", str(tiny_checkpoint), "--batch-sizes", "4",
+                 "--max-new-tokens", "5", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"hf", "original", "recursive_full", "recursive_static_exit", "recursive_cdb",
+                         "recursive_static_exit_conf", "recursive_cdb_conf"}
+    assert report["structure"] == {"prelude": 1, "block": 1, "loops": 4, "coda": 1, "strategy": "MIDDLE_CYCLE",
+                                   "init": "lower (not uptrained)"}
+    assert rows["recursive_full"]["mean_loops"] == 4
+    assert 1 <= rows["recursive_cdb"]["mean_loops"] < 4
+    assert rows["recursive_cdb"]["mean_loops"] == rows["recursive_static_exit"]["mean_loops"]  # same decisions
+    assert 0 < rows["recursive_static_exit"]["utilization"] <= 1
+    assert rows["recursive_cdb"]["utilization_queue_nonempty"] == 1.0  # refilled slots never idle

@@ -125,12 +125,13 @@ class LoopedExit(DepthPolicy):
 
     name = "recursive_static_exit"
 
-    def __init__(self, structure: LoopStructure, rule):
-        self.structure, self.rule = structure, rule
+    def __init__(self, structure: LoopStructure, rule, first_request: int = 0):
+        self.structure, self.rule, self.first_request = structure, rule, first_request
 
     def begin(self, model, batch_size: int) -> None:
+        """``first_request``: the request id of row 0 (exit rules may key on request ids)."""
         self.structure.check(model)
-        self.model, self.seqs = model, list(range(batch_size))
+        self.model, self.seqs = model, list(range(self.first_request, self.first_request + batch_size))
 
     def keep_rows(self, rows: list[int]) -> None:
         self.seqs = [self.seqs[r] for r in rows]
