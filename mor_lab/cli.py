@@ -44,13 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shallow-layer", type=int, default=None, help="early-exit: the exit's depth step count")
     bench.add_argument("--threshold", type=float, default=None, help="early-exit: the margin threshold")
 
-    lab = sub.add_parser("lab", help="open the notebooks in JupyterLab")
+    lab = sub.add_parser("lab", help="open the notebooks in JupyterLab (other options go to JupyterLab)")
     lab.add_argument("--dir", default=None, help="folder with the notebooks (default: ./notebooks)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "lab":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         import mor_lab
         try:
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mor-lab: no notebook folder at {folder.resolve()}; run from the repository root "
                   "or pass --dir", file=sys.stderr)
             return 2
-        return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder)])
+        return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *extra])
     return 1
 
 
