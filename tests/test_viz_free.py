@@ -1,4 +1,4 @@
-"""FREE figures (Beta mixture, threshold history, Pareto plot, deferred-token heatmap, sweep dashboard) on synthetic data."""
+"""FREE figures (Beta mixture, threshold history, Pareto, deferred tokens, sweep dashboard) on synthetic data."""
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -55,7 +55,7 @@ def test_mixture_slider_steps_through_snapshots():
     fig = mixture_figure(snapshots, [[], pairs], labels=["initial", "after pairs"])
     steps = fig.layout.sliders[0].steps
     assert [s.label for s in steps] == ["initial", "after pairs"]
-    for i, step in enumerate(steps):
+    for step in steps:
         visible = step.args[0]["visible"]
         assert len(visible) == len(fig.data) and any(visible)
     shown = [t.visible for t in fig.data]
