@@ -1,0 +1,607 @@
+"""The MoR model family: vanilla, recursive, and Mixture-of-Recursions (expert- and token-choice).
+
+Every member is a ``Decoder``: vanilla runs its L layers once; the recursive ones use MIDDLE_CYCLE
+(first and last layer unique, a shared block of ``K = (L - 2) // N_r`` layers looped ``N_r`` times)
+and differ only in who takes each loop: everyone (recursive), the top ``capacity_r`` of the sequence
+(expert-choice) or the depth a router picked up front (token-choice).
+
+Two paths, one model:
+
+- ``forward(ids)``: the training pass over whole sequences ``[B, T]``. Each loop gathers the tokens
+  that take it (causal order) and attends with a mask: **recursion-wise** caching lets a token at
+  loop r see only earlier tokens that also reached loop r; **recursive KV sharing** lets it see loop
+  0's keys/values of every earlier token (loop 0 writes, deeper loops only read).
+- ``run_step`` / ``run_shared_layer`` with a ``KVCache``: decoding, driven by the existing engines
+  (``generate_ids`` with :class:`RoutedDepth` for static batching, ``cdb_generate`` with
+  :class:`RoutedExit` for continuous depth-wise batching). Decisions are causal: expert-choice uses
+  ``router logit > threshold`` (0 <=> sigmoid > 0.5, what the auxiliary BCE loss trains), token-choice
+  its top-1 depth. Recursion-wise caching keeps, per row, a compacted cache per loop (loop r holds only
+  the tokens that reached it); KV sharing points deeper loops at loop 0's cache.
+
+Given the same routing decisions (``loops``: recursions per token), both paths give the same logits
+(tested), so what a router learned in training is what runs at decode time, up to the top-k vs
+threshold difference that :func:`topk_agreement` measures.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..engine.loops import LoopStructure
+from ..engine.policy import Decision, DepthPolicy, SubStep, run_steps
+from ..engine.trace import IDLE
+from ..models.cache import Chunk, KVCache
+from ..models.config import ModelConfig
+from ..models.decoder import Decoder
+from ..train.losses import cross_entropy
+from .routers import ExpertChoiceRouter, RouterConfig, TokenChoiceRouter, hierarchical_topk, topk_count
+
+KINDS = ("vanilla", "recursive", "expert", "token")
+KV_SCHEMES = ("recursion", "share")
+
+
+@dataclass
+class MoRConfig:
+    """A member of the family. ``model.num_layers`` is the *vanilla* depth L the plan is cut from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    kind: str = "expert"  # vanilla | recursive | expert | token
+    num_recursions: int = 3  # N_r (ignored by vanilla)
+    kv_scheme: str = "recursion"  # recursion (recursion-wise caching) | share (recursive KV sharing)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = ModelConfig.from_dict(self.model)
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**self.router)
+        self.validate()
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"MoRConfig.kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kv_scheme not in KV_SCHEMES:
+            raise ValueError(f"MoRConfig.kv_scheme must be one of {KV_SCHEMES}, got {self.kv_scheme!r}")
+        if not isinstance(self.num_recursions, int) or self.num_recursions < 1:
+            raise ValueError(f"MoRConfig.num_recursions must be a positive integer, got {self.num_recursions!r}")
+        if self.kind != "vanilla" and (self.model.num_layers - 2) // self.num_recursions < 1:
+            raise ValueError(f"MoRConfig.num_recursions={self.num_recursions} leaves no shared layer: MIDDLE_CYCLE "
+                             f"needs model.num_layers >= 2 + num_recursions, got {self.model.num_layers}")
+        if not self.init_std > 0:
+            raise ValueError(f"MoRConfig.init_std must be > 0, got {self.init_std!r}")
+        if self.kind in ("expert", "token"):
+            self.router.validate(self.kind, self.num_recursions)
+
+    @property
+    def structure(self) -> LoopStructure | None:
+        return None if self.kind == "vanilla" else LoopStructure.middle_cycle(self.model.num_layers,
+                                                                              self.num_recursions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MoRConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        if set(data) - known:
+            raise ValueError(f"unknown MoRConfig fields {sorted(set(data) - known)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class Routing:
+    """What the routers decided in a training pass."""
+    loops: torch.Tensor  # [B, T] recursions each token ran (1..N_r)
+    capacities: list[float] | None = None  # expert: the capacities used (warm-up included)
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # expert: [B, T] per recursion
+    probs: torch.Tensor | None = None  # token: [B, T, N_r]
+
+
+@dataclass
+class MoROutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None  # lm_loss + every auxiliary loss
+    lm_loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    routing: Routing | None = None
+
+
+def masked_layer(layer, h: torch.Tensor, rope, mask: torch.Tensor, kv=None):
+    """A decoder layer on ``[B, m, d]`` with an explicit attention mask ``[B, 1, m, keys]``.
+
+    ``kv``: keys/values to attend to instead of the layer's own (recursive KV sharing reads loop 0's).
+    Returns the new hidden state and the keys/values this layer computed."""
+    attn = layer.self_attn
+    q, k, v = attn.project(layer.input_layernorm(h), rope)
+    keys, values = (k, v) if kv is None else kv
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask, enable_gqa=attn.num_heads != attn.num_kv_heads)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h)), (k, v)
+
+
+def chunk_of(rows: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, batch_size: int) -> Chunk:
+    """A chunk for packed tokens (``rows`` ascending) written to arbitrary ``slots``: each sees its row's
+    slots ``<= `` its own. Loop r's tokens of a prefill are not contiguous in the full cache, but are
+    contiguous in a recursion-wise (compacted) cache."""
+    counts = torch.bincount(rows, minlength=batch_size)
+    cols = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    width = max(1, int(counts.max()))
+    kv_len = max(1, int(slots.max()) + 1) if len(slots) else 1
+    query_slots = torch.zeros(batch_size, width, dtype=torch.long, device=rows.device)
+    query_slots[rows, cols] = slots
+    attn_mask = (torch.arange(kv_len, device=rows.device)[None, None, :] <= query_slots[:, :, None])[:, None]
+    return Chunk(rows=rows, cols=cols, slots=slots, positions=positions, batch_size=batch_size, width=width,
+                 kv_len=kv_len, attn_mask=attn_mask, dense=bool((counts == width).all()))
+
+
+class SharedKV:
+    """Recursive KV sharing on top of a ``KVCache``: only loop 0 writes, deeper loops read loop 0's step."""
+
+    def __init__(self, cache: KVCache, structure: LoopStructure):
+        self.cache, self.structure = cache, structure
+
+    def first_loop(self, step):
+        st = self.structure
+        if isinstance(step, int):
+            inside = st.prelude <= step < st.prelude + st.loops * st.block
+            return st.prelude + (step - st.prelude) % st.block if inside else step
+        inside = (step >= st.prelude) & (step < st.prelude + st.loops * st.block)
+        return torch.where(inside, st.prelude + (step - st.prelude) % st.block, step)
+
+    def write(self, step, k, v, chunk: Chunk) -> None:
+        if isinstance(step, int):
+            if self.first_loop(step) == step:
+                self.cache.write(step, k, v, chunk)
+            return
+        owner = (self.first_loop(step) == step)[chunk.rows]
+        rows, slots = chunk.rows[owner], chunk.slots[owner]
+        self.cache.k[step[rows], rows, :, slots] = k[owner]
+        self.cache.v[step[rows], rows, :, slots] = v[owner]
+
+    def read(self, step, chunk: Chunk):
+        return self.cache.read(self.first_loop(step), chunk)
+
+
+class DecodeState:
+    """Routing state of one generation, kept on its ``KVCache`` (``cache.mor_state``).
+
+    ``loop_len[r, b]``: tokens of row b in loop r's compacted cache (recursion-wise caching);
+    token-choice's per-row depth, gate and loop input (continuous depth-wise batching); the current
+    packed pass (prefill / static decode step) and block pass (CDB)."""
+
+    def __init__(self, cache: KVCache, num_recursions: int, hidden_size: int):
+        b, device = cache.batch_size, cache.k.device
+        self.loop_len = torch.zeros(num_recursions, b, dtype=torch.long, device=device)
+        self.depth = torch.ones(b, dtype=torch.long, device=device)
+        self.gate = torch.zeros(b, dtype=cache.k.dtype, device=device)
+        self.x = torch.zeros(b, hidden_size, dtype=cache.k.dtype, device=device)
+        self.pass_: dict = {}
+        self.block: dict = {}
+
+    def keep_rows(self, rows) -> None:
+        rows = torch.as_tensor(rows, device=self.loop_len.device)
+        self.loop_len, self.depth, self.gate, self.x = (self.loop_len[:, rows], self.depth[rows], self.gate[rows],
+                                                        self.x[rows])
+
+
+class MoRModel(Decoder):
+    """A member of the family (``MoRConfig.kind``): a ``Decoder`` with routers and a routed forward pass."""
+
+    def __init__(self, config: MoRConfig):
+        structure = config.structure
+        physical = config.model if structure is None else dataclasses.replace(
+            config.model, num_layers=structure.prelude + structure.block + structure.coda)
+        super().__init__(physical, None if structure is None else structure.plan())
+        self.mor, self.structure = config, structure
+        d, n = config.model.hidden_size, config.num_recursions
+        self.router = (ExpertChoiceRouter(config.router, d, n) if config.kind == "expert" else
+                       TokenChoiceRouter(config.router, d, n) if config.kind == "token" else None)
+        self.forced_loops: torch.Tensor | None = None  # [B, T]: decode with these decisions (tests, analysis)
+        self.last_state: DecodeState | None = None
+        self._last_block = None
+        self._init_weights(config.init_std)
+
+    @torch.no_grad()
+    def _init_weights(self, std: float) -> None:
+        for name, p in self.named_parameters():
+            if name.startswith("router."):
+                continue
+            if "norm" in name:
+                p.fill_(1.0)
+            elif p.dim() == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+
+    @property
+    def kind(self) -> str:
+        return self.mor.kind
+
+    @property
+    def num_recursions(self) -> int:
+        return 1 if self.structure is None else self.structure.loops
+
+    # ---------------------------------------------------------------------------------------------
+    # Training: whole sequences, masks.
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, step: int | None = None,
+                loops: torch.Tensor | None = None) -> MoROutput:
+        """Logits for ``[B, T]`` ids; with ``targets`` also the loss. ``step``: the training step (capacity
+        warm-up). ``loops`` (``[B, T]``, 1..N_r) forces the routing decisions instead of the routers'."""
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        rope = self.rope(positions)
+        h = self.embed(input_ids)
+        routing, aux = None, {}
+        if self.structure is None:
+            for s in range(self.num_steps):
+                h = self.run_step(s, h, rope)
+        else:
+            for s in range(self.structure.prelude):
+                h = self.run_step(s, h, rope)
+            h, routing, aux = self._loops(h, positions, step, loops)
+            for s in self.structure.coda_steps():
+                h = self.run_step(s, h, rope)
+        logits = self.head(h)
+        out = MoROutput(logits, aux=aux, routing=routing)
+        if targets is not None:
+            out.lm_loss = cross_entropy(logits, targets)
+            out.loss = out.lm_loss + sum(aux.values())
+        return out
+
+    def _loops(self, h, positions, step, loops):
+        st, kind, n = self.structure, self.kind, self.structure.loops
+        B, T, d = h.shape
+        if loops is not None and (int(loops.min()) < 1 or int(loops.max()) > n):
+            raise ValueError(f"loops must be in 1..{n} (recursions per token), got {int(loops.min())}..{int(loops.max())}")
+        x, aux, routing = h, {}, Routing(loops=None)
+        if kind == "token":
+            logits, probs, depth, gate = self.router.route(h, None if loops is None else loops - 1)
+            loops, routing.probs = depth + 1, probs
+            aux.update(self.router.losses(logits, probs, depth))
+        elif kind == "recursive" and loops is None:
+            loops = torch.full((B, T), n, device=h.device)
+        if kind == "expert":
+            routing.capacities = self.router.capacities(step)
+        candidates, record = torch.ones(B, T, dtype=torch.bool, device=h.device), ([], [], [], [])
+        shared = [None] * st.block
+        share = self.mor.kv_scheme == "share"
+        for r in range(n):
+            if kind == "expert":
+                logits = self.router.logits(r, h)
+                sel = loops > r if loops is not None else hierarchical_topk(
+                    logits, candidates, topk_count(routing.capacities[r], T))
+                for lst, value in zip(record, (h, logits, candidates, sel)):
+                    lst.append(value)
+            else:
+                sel = loops > r
+            count = sel.sum(-1)
+            m = int(count.max())
+            idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[:, :m]  # selected first, causal order
+            valid = torch.arange(m, device=h.device) < count[:, None]
+            gather = idx[..., None].expand(-1, -1, d)
+            h_in, pos = h.gather(1, gather), positions.gather(1, idx)
+            rope = self.rope(pos)
+            if share and r > 0:  # every earlier token's loop-0 keys
+                mask = positions[:, None, :] <= pos[:, :, None]
+            else:  # recursion-wise: earlier tokens that reached this loop (and itself, so padding stays finite)
+                mask = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]
+                mask |= torch.eye(m, dtype=torch.bool, device=h.device)
+            out = h_in
+            for j in range(st.block):
+                out, kv = masked_layer(self.layers[st.shared_layer(self, j)], out, rope, mask[:, None],
+                                       shared[j] if share and r > 0 else None)
+                if r == 0:
+                    shared[j] = kv  # loop 0 runs every token: m == T, idx == arange(T)
+            if kind == "expert":
+                out = h_in + self.router.gate(logits.gather(1, idx))[..., None] * out
+            h = h.scatter(1, gather, torch.where(valid[..., None], out, h_in))
+            candidates = sel
+        if kind == "expert":
+            if loops is None:
+                loops = torch.stack(record[3]).sum(0)
+            routing.router_logits = record[1]
+            aux.update(self.router.losses(*record))
+        if kind == "token":
+            h = x + gate[..., None] * h
+        routing.loops = loops
+        return h, routing, aux
+
+    # ---------------------------------------------------------------------------------------------
+    # Decoding: the engines call run_step (packed passes: prefill, static decode steps) and
+    # run_shared_layer (continuous depth-wise batching) with a KVCache.
+    def state(self, cache: KVCache) -> DecodeState:
+        state = getattr(cache, "mor_state", None)
+        if state is None:
+            state = cache.mor_state = DecodeState(cache, self.num_recursions, self.config.hidden_size)
+        self.last_state = state
+        return state
+
+    def _loop_of(self, step: int):
+        st = self.structure
+        if st is None or not st.prelude <= step < st.prelude + st.loops * st.block:
+            return None
+        return divmod(step - st.prelude, st.block)
+
+    def _kv(self, cache):
+        return SharedKV(cache, self.structure) if self.mor.kv_scheme == "share" else cache
+
+    def continues(self, loop, h, rows, positions, depth) -> torch.Tensor:
+        """Decode-time decision: does each token (loop index ``loop``, int or per token) take that loop?"""
+        if self.forced_loops is not None:
+            return self.forced_loops[rows, positions] > loop
+        if self.kind == "expert":
+            return self.router.decide(loop, h)
+        if self.kind == "token":
+            return depth > loop
+        return torch.ones(len(h), dtype=torch.bool, device=h.device)
+
+    def _route_tokens(self, h, rows, positions):
+        """Token-choice at loop 0: (loops, gate) per token (forced loops override the choice)."""
+        forced = None if self.forced_loops is None else self.forced_loops[rows, positions] - 1
+        _, _, depth, gate = self.router.route(h, forced)
+        return depth + 1, gate
+
+    def _loop_chunk(self, state, loop, rows, slots, positions, batch_size) -> Chunk:
+        if self.mor.kv_scheme == "recursion":  # compacted: loop r's cache holds only the tokens that reached it
+            counts = torch.bincount(rows, minlength=batch_size)
+            cols = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+            slots = state.loop_len[loop, rows] + cols
+        return chunk_of(rows, slots, positions, batch_size)
+
+    def run_step(self, step: int, h: torch.Tensor, rope, cache: KVCache | None = None,
+                 chunk: Chunk | None = None) -> torch.Tensor:
+        where = self._loop_of(step)
+        if cache is None or where is None:
+            return super().run_step(step, h, rope, cache, chunk)
+        loop, j = where
+        state = self.state(cache)
+        if j == 0:
+            self._enter_loop(state, loop, h, rope, chunk)
+        p = state.pass_
+        a = p["active"]
+        if not bool(a.any()):
+            return h
+        out = super().run_step(step, h[a], p["rope"], self._kv(cache), p["chunk"])
+        if j == self.structure.block - 1:
+            out = self._leave_loop(out, p["h_in"], p.get("gate"), p["loops"][a] == loop + 1,
+                                   p.get("x"), p.get("tgate"), a)
+            if self.mor.kv_scheme == "recursion":
+                state.loop_len[loop] += torch.bincount(chunk.rows[a], minlength=chunk.batch_size)
+        h = h.clone()
+        h[a] = out
+        return h
+
+    def _enter_loop(self, state, loop, h, rope, chunk) -> None:
+        """A packed pass reaches loop ``loop``: decide who takes it and address its cache."""
+        if loop == 0:
+            new = chunk.rows[(chunk.cols == 0) & (chunk.slots == 0)]  # a sequence starting at slot 0 is new
+            state.loop_len[:, new] = 0
+            p = state.pass_ = {"active": torch.ones(len(h), dtype=torch.bool, device=h.device),
+                               "loops": torch.full((len(h),), self.num_recursions, device=h.device), "x": h}
+            if self.kind == "token":
+                p["loops"], p["tgate"] = self._route_tokens(h, chunk.rows, chunk.positions)
+            ran = torch.zeros(len(h), dtype=torch.long, device=h.device)
+        else:
+            p = state.pass_
+            p["active"] = p["active"] & self.continues(loop, h, chunk.rows, chunk.positions, p["loops"])
+            ran = p["ran"]
+        a = p["active"]
+        p["ran"] = ran + a.long()
+        if self.kind != "token":
+            p["loops"] = p["ran"]
+        p["h_in"] = h[a]
+        if self.kind == "expert":
+            p["gate"] = self.router.gate(self.router.logits(loop, h[a]))
+        p["rope"] = (rope[0][a], rope[1][a])
+        p["chunk"] = self._loop_chunk(state, loop, chunk.rows[a], chunk.slots[a], chunk.positions[a],
+                                      chunk.batch_size)
+
+    def _leave_loop(self, out, h_in, gate, last, x, tgate, a):
+        """End of a loop: expert-choice gates the block (``h + g * Block(h)``); token-choice adds
+        ``x + g * h`` after a token's last loop."""
+        if self.kind == "expert":
+            return h_in + gate[:, None] * out
+        if self.kind == "token":
+            return torch.where(last[:, None], x[a] + tgate[a][:, None] * out, out)
+        return out
+
+    def run_shared_layer(self, layer: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk,
+                         steps: torch.Tensor) -> torch.Tensor:
+        """One shared layer on rows at different loops (CDB): routing gates and cache addressing per row."""
+        st = self.structure
+        j = layer - st.prelude
+        state = self.state(cache)
+        rows = chunk.rows
+        if j == 0:
+            loops = (steps[rows] - st.prelude) // st.block
+            b = state.block = {"loops": loops, "h_in": h}
+            if self.kind == "expert":
+                b["gate"] = self.router.gate(self.router.logits(loops, h))
+            if self.kind == "token":
+                first = loops == 0
+                if bool(first.any()):
+                    depth, gate = self._route_tokens(h[first], rows[first], chunk.positions[first])
+                    state.depth[rows[first]], state.gate[rows[first]], state.x[rows[first]] = depth, gate, h[first]
+            b["chunk"] = self._loop_chunk(state, loops, rows, chunk.slots, chunk.positions, chunk.batch_size)
+        b = state.block
+        out = super().run_shared_layer(layer, h, rope, self._kv(cache), b["chunk"], steps)
+        if j == st.block - 1:
+            everyone = torch.ones(len(rows), dtype=torch.bool, device=h.device)
+            out = self._leave_loop(out, b["h_in"], b.get("gate"), state.depth[rows] == b["loops"] + 1,
+                                   state.x[rows], state.gate[rows], everyone)
+            if self.mor.kv_scheme == "recursion":
+                state.loop_len[b["loops"], rows] += 1
+            self._last_block = (state, rows, chunk.positions)
+        return out
+
+    def propagate_state(self, step, h, rope, cache, chunk) -> None:
+        """No state propagation: a token that skipped loop r has no KV there (recursion-wise caching), or
+        reads loop 0's (sharing)."""
+        if self.structure is None or self._loop_of(step) is None:
+            super().propagate_state(step, h, rope, cache, chunk)
+
+    @contextlib.contextmanager
+    def forced_routing(self, loops: torch.Tensor):
+        """Decode with given decisions: ``loops[row, position]`` recursions per token (tests, analysis)."""
+        previous, self.forced_loops = self.forced_loops, loops
+        try:
+            yield self
+        finally:
+            self.forced_loops = previous
+
+    # ---------------------------------------------------------------------------------------------
+    # FLOPs and memory.
+    def layer_flops(self) -> int:
+        """Matmul FLOPs of one layer per token (2 x parameters)."""
+        c = self.config
+        return 2 * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+                    + 3 * c.hidden_size * c.intermediate_size)
+
+    def forward_flops(self, loops: torch.Tensor | None, seq_len: int, batch_size: int = 1) -> float:
+        """FLOPs of one forward pass over ``batch_size x seq_len`` tokens with these routing decisions
+        (matmuls, attention scores and values, routers, LM head; embeddings are free)."""
+        c = self.config
+        attn_pair = 4 * c.num_heads * c.head_dim  # QK^T and AV, per (query, key) pair and layer
+        full_pairs = batch_size * seq_len * (seq_len + 1) / 2
+        tokens = batch_size * seq_len
+        flops = tokens * 2 * c.hidden_size * c.vocab_size
+        st = self.structure
+        if st is None:
+            return flops + self.num_steps * (tokens * self.layer_flops() + full_pairs * attn_pair)
+        flops += (st.prelude + st.coda) * (tokens * self.layer_flops() + full_pairs * attn_pair)
+        if loops is None:
+            loops = torch.full((batch_size, seq_len), st.loops)
+        positions = torch.arange(seq_len, device=loops.device) + 1
+        for r in range(st.loops):
+            sel = loops > r
+            count = sel.sum(-1).double()
+            pairs = (count * (count + 1) / 2).sum() if self.mor.kv_scheme == "recursion" or r == 0 else \
+                (sel * positions).sum().double()
+            flops += st.block * (float(count.sum()) * self.layer_flops() + float(pairs) * attn_pair)
+        if self.kind == "expert":
+            flops += tokens * st.loops * 2 * c.hidden_size
+        elif self.kind == "token":
+            flops += tokens * 2 * c.hidden_size * st.loops
+        return flops
+
+    def expected_loops(self, seq_len: int) -> torch.Tensor:
+        """A ``[1, T]`` loops pattern with the capacities' distribution (for FLOPs planning)."""
+        n = self.num_recursions
+        if self.kind not in ("expert", "token"):
+            return torch.full((1, seq_len), n)
+        caps = self.router.config.capacity if self.kind == "expert" else [(n - r) / n for r in range(n)]
+        counts = [topk_count(c, seq_len) for c in caps]
+        loops = torch.zeros(1, seq_len, dtype=torch.long)
+        for k in counts:
+            loops[0, :k] += 1  # which tokens does not matter for counting
+        return loops
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward) at the capacities' routing."""
+        return 3 * self.forward_flops(self.expected_loops(seq_len), seq_len) / seq_len
+
+    def kv_entries_per_token(self, mean_loops: float | None = None) -> float:
+        """Layer-steps of K/V a token keeps: vanilla L; recursion-wise P + K * loops + C; sharing P + K + C."""
+        st = self.structure
+        if st is None:
+            return float(self.num_steps)
+        if self.mor.kv_scheme == "share":
+            return float(st.prelude + st.block + st.coda)
+        loops = st.loops if mean_loops is None else mean_loops
+        return st.prelude + st.coda + st.block * loops
+
+    def kv_bytes_per_token(self, mean_loops: float | None = None) -> float:
+        c = self.config
+        return self.kv_entries_per_token(mean_loops) * 2 * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+
+    def mean_layers(self, loops_mean: float) -> float:
+        st = self.structure
+        return float(self.num_steps) if st is None else st.prelude + st.coda + st.block * loops_mean
+
+    # ---------------------------------------------------------------------------------------------
+    # Checkpoints: safetensors + JSON config; a reload is bit-identical.
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(directory / "model.safetensors"))
+        (directory / "mor_config.json").write_text(json.dumps(self.mor.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, directory: str | Path, device=None) -> "MoRModel":
+        from safetensors.torch import load_file
+        directory = Path(directory)
+        model = cls(MoRConfig.from_dict(json.loads((directory / "mor_config.json").read_text())))
+        state = load_file(str(directory / "model.safetensors"))
+        if model.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
+        model.load_state_dict(state)
+        return model.to(device) if device else model
+
+
+# -------------------------------------------------------------------------------------------------
+# The engines' view: a static-batching depth policy and a CDB exit rule.
+class RoutedDepth(DepthPolicy):
+    """Static batching for a MoR model: every decode step runs the routed pass over the whole batch;
+    a loop runs the rows the router sends there, the step ends with the deepest row."""
+
+    name = "mor_static"
+
+    def decode(self, x, lengths, cache, t, record=False) -> Decision:
+        model, n = self.model, self.model.num_recursions
+        h, _ = run_steps(model, x, range(model.num_steps), cache, Chunk.decode(lengths))
+        loops = model.state(cache).pass_["loops"].tolist() if model.structure is not None else [1] * len(x)
+        substeps = [SubStep(f"loop {r}", [f"loop {r}" if k > r else IDLE for k in loops], sum(k > r for k in loops))
+                    for r in range(n)]
+        steps = [model.structure.steps_for(k) for k in loops] if model.structure else [list(range(model.num_steps))] * len(x)
+        return Decision(model.head(h), steps, None, substeps)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        if self.model.last_state is not None:
+            self.model.last_state.keep_rows(rows)
+
+
+class RoutedExit:
+    """The CDB exit rule of a MoR model: after each loop, the router says whether the token goes on."""
+
+    def __call__(self, model, h, seqs, tokens, loops_done) -> list[bool]:
+        state, rows, positions = model._last_block
+        done = torch.tensor(loops_done, device=h.device)
+        go_on = model.continues(done, h, rows, positions, state.depth[rows])
+        return ((~go_on) | (done >= model.num_recursions)).tolist()
+
+
+# -------------------------------------------------------------------------------------------------
+# Decode-time routing on given text, and its agreement with training-time top-k.
+@torch.inference_mode()
+def decode_routing(model: MoRModel, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` recursions per token when the text is decoded (causal decisions; a packed prefill
+    decides every token exactly as token-by-token decoding would)."""
+    B, T = input_ids.shape
+    cache = KVCache.for_model(model, B, T)
+    lengths = torch.full((B,), T, device=input_ids.device)
+    run_steps(model, model.embed(input_ids.reshape(-1)), range(model.num_steps), cache, Chunk.prefill(lengths))
+    return model.state(cache).pass_["loops"].view(B, T)
+
+
+@torch.inference_mode()
+def topk_agreement(model: MoRModel, input_ids: torch.Tensor) -> dict:
+    """How often decode-time routing (threshold / token-choice top-1, causal) matches the training-time
+    decisions (top-k over the whole sequence) on the same text: per recursion, and whole depths."""
+    train = model(input_ids).routing.loops
+    decode = decode_routing(model, input_ids)
+    per_loop = [float(((train > r) == (decode > r)).float().mean()) for r in range(1, model.num_recursions)]
+    return {"per_loop": per_loop, "depth": float((train == decode).float().mean()),
+            "train_mean_loops": float(train.float().mean()), "decode_mean_loops": float(decode.float().mean()),
+            "train_loops": train, "decode_loops": decode}

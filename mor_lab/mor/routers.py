@@ -1,0 +1,214 @@
+"""Routers of Mixture-of-Recursions: which tokens take another pass through the shared block.
+
+Expert-choice (the paper's best): at recursion ``r`` a router scores every token still in play and
+the top ``capacity_r`` fraction of the *whole sequence* goes on (hierarchical: only tokens selected
+at ``r-1`` are candidates; selected indices stay in causal order). Top-k over a sequence looks at the
+future, so decoding cannot use it: an auxiliary BCE loss teaches the raw logit to say "I would be in
+the top-k" (``logit > 0`` <=> ``sigmoid > 0.5``), or a separate auxiliary router learns the same on
+detached inputs. Token-choice: one router with ``N_r`` outputs, applied once, gives each token its
+depth (top-1); a balancing loss or a loss-free bias keeps the depths from collapsing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = ("linear", "mlp")
+EXPERT_SCORES = ("sigmoid", "tanh")
+TOKEN_SCORES = ("softmax", "sigmoid")
+
+
+@dataclass
+class RouterConfig:
+    """One router; ``None`` fields take the paper's defaults for the routing kind (expert or token)."""
+
+    arch: str = "linear"  # Linear(d, out, bias=False), or a 2-layer MLP
+    score: str | None = None  # expert: sigmoid | tanh (default sigmoid); token: softmax | sigmoid (softmax)
+    alpha: float | None = None  # gate scale: 0.1 (expert), 1.0 (token)
+    capacity: list[float] | None = None  # expert: fraction of the sequence per recursion; None: (N_r - r) / N_r
+    warmup_steps: int = 0  # expert: cosine capacity warm-up from 1 to capacity over this many steps
+    aux_loss: float = 0.001  # expert: BCE(logit, "was in the top-k") coefficient: causal decoding
+    aux_router: bool = False  # expert: a separate router on detached inputs decides at decode time
+    z_loss: float = 0.0  # router z-loss coefficient (mean logsumexp(logits)^2), e.g. 1e-3 / 1e-5
+    balance_loss: float = 0.1  # token: sum_i P_i f_i coefficient (0 with loss_free)
+    loss_free: bool = False  # token: balance with a non-trained bias instead of a loss
+    bias_update: float = 0.001  # token: loss-free bias step u
+    init_std: float = 0.02
+
+    def resolved(self, kind: str, num_recursions: int) -> "RouterConfig":
+        """A copy with the kind's defaults filled in, validated."""
+        expert = kind == "expert"
+        out = dataclasses.replace(self, score=self.score or ("sigmoid" if expert else "softmax"),
+                                  alpha=(0.1 if expert else 1.0) if self.alpha is None else self.alpha,
+                                  capacity=list(self.capacity or default_capacity(num_recursions)))
+        out.validate(kind, num_recursions)
+        return out
+
+    def validate(self, kind: str, num_recursions: int) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"RouterConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        scores = EXPERT_SCORES if kind == "expert" else TOKEN_SCORES
+        if self.score is not None and self.score not in scores:
+            raise ValueError(f"RouterConfig.score for {kind}-choice must be one of {scores}, got {self.score!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"RouterConfig.alpha must be > 0, got {self.alpha!r}")
+        if self.capacity is not None:
+            cap = list(self.capacity)
+            if len(cap) != num_recursions:
+                raise ValueError(f"RouterConfig.capacity needs one value per recursion ({num_recursions}), got {cap}")
+            if any(not 0 < c <= 1 for c in cap) or any(b > a for a, b in zip(cap, cap[1:])):
+                raise ValueError(f"RouterConfig.capacity must be non-increasing values in (0, 1], got {cap}")
+            if cap[0] != 1:
+                raise ValueError(f"RouterConfig.capacity[0] must be 1 (every token runs the first recursion, "
+                                 f"which decoding and KV sharing rely on), got {cap[0]}")
+        for name in ("warmup_steps",):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"RouterConfig.{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        for name in ("aux_loss", "z_loss", "balance_loss", "bias_update"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RouterConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"RouterConfig.init_std must be > 0, got {self.init_std!r}")
+
+
+def default_capacity(num_recursions: int) -> list[float]:
+    """``(N_r - r) / N_r`` for r = 0 .. N_r - 1: e.g. 1, 2/3, 1/3."""
+    return [(num_recursions - r) / num_recursions for r in range(num_recursions)]
+
+
+def capacity_schedule(capacity: list[float], step: int | None = None, warmup_steps: int = 0) -> list[float]:
+    """Capacities at training ``step`` with the cosine warm-up: ``cap + (1 - cap) * 0.5 (1 + cos(pi min(1, s/W)))``.
+
+    At step 0 every token goes everywhere; after ``warmup_steps`` the target capacities hold."""
+    if not warmup_steps or step is None:
+        return list(capacity)
+    w = 0.5 * (1 + math.cos(math.pi * min(1.0, step / warmup_steps)))
+    return [c + (1 - c) * w for c in capacity]
+
+
+def topk_count(capacity: float, seq_len: int) -> int:
+    """Tokens selected at a recursion: ``max(1, int(capacity * seq_len))`` over the full length."""
+    return max(1, int(capacity * seq_len + 1e-9))
+
+
+def hierarchical_topk(logits: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    """``[B, T]`` bool: the ``k`` highest ``logits`` per row among ``candidates`` (selected at r-1).
+
+    Index order is irrelevant for a mask; gathering the mask's ``True`` positions (``nonzero``,
+    ``argsort`` stable) keeps causal order."""
+    if k > int(candidates.sum(-1).min()):
+        raise ValueError(f"top-{k} needs at least {k} candidates per row: capacities must not increase")
+    masked = logits.detach().float().masked_fill(~candidates, float("-inf"))
+    idx = masked.topk(k, dim=-1).indices.sort(-1).values  # re-sorted: causal order
+    return torch.zeros_like(candidates).scatter(-1, idx, True)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: ``mean(logsumexp(logits)^2)`` over the last dim (a single logit: ``mean(logit^2)``)."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def _net(d: int, out: int, arch: str, std: float) -> nn.Module:
+    net = nn.Linear(d, out, bias=False) if arch == "linear" else nn.Sequential(
+        nn.Linear(d, d, bias=False), nn.GELU(), nn.Linear(d, out, bias=False))
+    for p in net.parameters():
+        nn.init.normal_(p, std=std)
+    return net
+
+
+class ExpertChoiceRouter(nn.Module):
+    """One scorer per recursion; score ``sigmoid(logit) * alpha`` (or tanh) gates the block's output."""
+
+    def __init__(self, config: RouterConfig, hidden_size: int, num_recursions: int):
+        super().__init__()
+        self.config = config.resolved("expert", num_recursions)
+        self.num_recursions = num_recursions
+        c = self.config
+        self.nets = nn.ModuleList(_net(hidden_size, 1, c.arch, c.init_std) for _ in range(num_recursions))
+        self.aux_nets = nn.ModuleList(_net(hidden_size, 1, c.arch, c.init_std)
+                                      for _ in range(num_recursions)) if c.aux_router else None
+        # Decode-time rule: go on when the decision logit exceeds this (0 <=> sigmoid > 0.5).
+        self.register_buffer("threshold", torch.zeros(num_recursions))
+
+    def capacities(self, step: int | None = None) -> list[float]:
+        return capacity_schedule(self.config.capacity, step, self.config.warmup_steps)
+
+    def logits(self, loop: int | torch.Tensor, h: torch.Tensor, aux: bool = False) -> torch.Tensor:
+        """Router logits of ``h`` (``[..., d]`` -> ``[...]``) at recursion ``loop`` (an int, or one per token)."""
+        nets = self.aux_nets if aux else self.nets
+        x = h.detach() if aux else h
+        if isinstance(loop, int):
+            return nets[loop](x).squeeze(-1)
+        every = torch.cat([net(x) for net in nets], dim=-1)  # [N, N_r]: cheap, d -> 1 each
+        return every.gather(-1, loop.clamp(max=self.num_recursions - 1)[:, None]).squeeze(-1)
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        squash = torch.sigmoid if self.config.score == "sigmoid" else torch.tanh
+        return squash(logits) * self.config.alpha
+
+    def decide(self, loop: int | torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Decode time (causal): does each token take recursion ``loop``? (aux router when configured)."""
+        logits = self.logits(loop, h, aux=self.aux_nets is not None)
+        threshold = self.threshold[loop] if isinstance(loop, int) else self.threshold[loop.clamp(
+            max=self.num_recursions - 1)]
+        return logits > threshold
+
+    def losses(self, h_per_loop, logits_per_loop, candidates, selected) -> dict[str, torch.Tensor]:
+        """Auxiliary BCE (causal decoding) and z-loss over the candidate tokens of every recursion."""
+        c, out = self.config, {}
+        if c.aux_loss:
+            bce = 0.0
+            for r, (h, logits, cand, sel) in enumerate(zip(h_per_loop, logits_per_loop, candidates, selected)):
+                z = self.logits(r, h, aux=True) if self.aux_nets is not None else logits
+                bce = bce + F.binary_cross_entropy_with_logits(z[cand].float(), sel[cand].float())
+            out["router_bce"] = c.aux_loss * bce
+        if c.z_loss:
+            out["router_z"] = c.z_loss * sum(z_loss(logits[cand][:, None])
+                                             for logits, cand in zip(logits_per_loop, candidates))
+        return out
+
+
+class TokenChoiceRouter(nn.Module):
+    """One scorer with ``N_r`` outputs applied once: each token's depth is its top-1 output."""
+
+    def __init__(self, config: RouterConfig, hidden_size: int, num_recursions: int):
+        super().__init__()
+        self.config = config.resolved("token", num_recursions)
+        self.num_recursions = num_recursions
+        self.net = _net(hidden_size, num_recursions, self.config.arch, self.config.init_std)
+        self.register_buffer("bias", torch.zeros(num_recursions))  # loss-free balancing: not trained
+
+    def route(self, h: torch.Tensor, depth: torch.Tensor | None = None):
+        """``h [..., d]`` -> (logits, probs, depth index 0..N_r-1, gate = prob of that depth * alpha).
+
+        ``depth`` forces the decisions (the gate still comes from the router)."""
+        logits = self.net(h)
+        probs = logits.float().softmax(-1) if self.config.score == "softmax" else torch.sigmoid(logits.float())
+        if depth is None:
+            depth = (probs.detach() + self.bias).argmax(-1)  # the bias moves choices, never the gate
+        gate = probs.gather(-1, depth[..., None]).squeeze(-1) * self.config.alpha
+        return logits, probs, depth, gate.to(h.dtype)
+
+    def losses(self, logits: torch.Tensor, probs: torch.Tensor, depth: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Balancing loss ``sum_i P_i f_i`` (``P_i`` mean probability, ``f_i = N_r *`` fraction routed to i)."""
+        c, n, out = self.config, self.num_recursions, {}
+        if c.balance_loss and not c.loss_free:
+            p = probs.reshape(-1, n)
+            p = p / p.sum(-1, keepdim=True)  # sigmoid scores: normalised into a distribution
+            f = n * F.one_hot(depth.reshape(-1), n).float().mean(0)
+            out["router_balance"] = c.balance_loss * (p.mean(0) * f).sum()
+        if c.z_loss:
+            out["router_z"] = c.z_loss * z_loss(logits.reshape(-1, n))
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, depth: torch.Tensor) -> None:
+        """Loss-free balancing: ``bias_i += u * sign(mean_load - load_i)`` after a training step."""
+        if self.config.loss_free:
+            load = torch.bincount(depth.reshape(-1), minlength=self.num_recursions).float()
+            self.bias += self.config.bias_update * torch.sign(load.mean() - load)
