@@ -85,9 +85,10 @@ def paged_chunk_attention_reference(q, k_cache, v_cache, block_tables, seq_lens,
 
 
 @jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_ptr,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, m_ptr, l_ptr,
                    scale, group, head_dim, page_size, table_stride, num_splits,
                    stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
+                   stride_ot, stride_oh, DIRECT: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     t, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
@@ -121,12 +122,16 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, m_ptr, l_p
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
-    # unnormalised partial result + its running max and sum; merged (or just divided) afterwards
-    row = (t * (group * tl.num_programs(1)) + heads) * num_splits + split
     out_mask = g < group
-    tl.store(out_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask[:, None])
-    tl.store(m_ptr + row, m_i, mask=out_mask)
-    tl.store(l_ptr + row, l_i, mask=out_mask)
+    if DIRECT:  # one split: normalise and store the output (an empty sequence gives zeros)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + t * stride_ot + heads[:, None] * stride_oh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask[:, None] & (d[None, :] < head_dim))
+    else:  # unnormalised partial result + its running max and sum, merged by _merge_kernel
+        row = (t * (group * tl.num_programs(1)) + heads) * num_splits + split
+        tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=out_mask[:, None])
+        tl.store(m_ptr + row, m_i, mask=out_mask)
+        tl.store(l_ptr + row, l_i, mask=out_mask)
 
 
 @jit
@@ -178,16 +183,19 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     lens = seq_lens.to(torch.int32).contiguous()
     block_g, block_d = next_power_of_2(group), next_power_of_2(head_dim)
     block_n = max(16, min(64, 8192 // (block_g * block_d)))
-    partial = torch.empty(tokens * heads * splits, block_d, dtype=torch.float32, device=q.device)
-    m = torch.empty(tokens * heads * splits, dtype=torch.float32, device=q.device)
+    direct = splits == 1
+    rows = 1 if direct else tokens * heads * splits  # scratch only when splits are merged
+    partial = torch.empty(rows, block_d, dtype=torch.float32, device=q.device)
+    m = torch.empty(rows, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
     _decode_kernel[(tokens, kv_heads, splits)](
-        q, k_cache, v_cache, table, lens, partial, m, l_sum, scale, group, head_dim, page_size, table.stride(0),
-        splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q, k_cache, v_cache, table, lens, out, partial, m, l_sum, scale, group, head_dim, page_size,
+        table.stride(0), splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), DIRECT=direct,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
-    _merge_kernel[(tokens * heads,)](partial, m, l_sum, out, head_dim, splits,
-                                     BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d, num_warps=1)
+    if not direct:
+        _merge_kernel[(tokens * heads,)](partial, m, l_sum, out, head_dim, splits,
+                                         BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d, num_warps=1)
     return out
 
 

@@ -4,6 +4,10 @@ embed -> depth steps -> final norm -> LM head. ``Decoder.run_step(step, ...)`` r
 any tokens, with or without a KV cache: every technique in mor_lab (early exit, recursion, routers)
 is a different plan over these steps. ``Decoder.plan[s]`` names the physical layer step ``s`` uses;
 the vanilla plan is ``[0, 1, ..., L-1]``.
+
+The hot element-wise ops (RMSNorm and the residual add before it, SwiGLU, rotary), attention over the KV
+cache and the per-row multi-LoRA projections of ``run_shared_layer`` go through ``mor_lab.kernels``:
+Triton kernels on CUDA, the PyTorch references (the same math, written out) elsewhere.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from .cache import Chunk, KVCache
 from .config import ModelConfig
 
@@ -26,11 +31,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """``weight`` overrides the layer's own (a depth step with per-position norms)."""
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight if weight is None else weight) * x.to(dtype)
+        """``weight`` overrides the layer's own (a depth step with per-position norms; ``[N, d]``: per token)."""
+        return kernels.rms_norm(x, self.weight if weight is None else weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None):
+        """``h = residual + x`` and its norm, fused: returns ``(norm(h), h)``."""
+        return kernels.add_rms_norm(x, residual, self.weight if weight is None else weight, self.eps)
 
 
 class LoRA(nn.Module):
@@ -87,6 +93,64 @@ def project(linear: nn.Linear, name: str, x: torch.Tensor, delta: StepDelta | No
 
 def norm(layer_norm: RMSNorm, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
     return layer_norm(x) if delta is None else layer_norm(x, delta.norm_weight(name))
+
+
+def add_norm(layer_norm: RMSNorm, name: str, x: torch.Tensor, residual: torch.Tensor, delta: StepDelta | None):
+    return layer_norm.add_forward(x, residual, None if delta is None else delta.norm_weight(name))
+
+
+class RowDeltas:
+    """The step deltas of packed tokens at *different* depth steps, applied in one batch.
+
+    Continuous depth-wise batching runs one shared layer over tokens of different loops; in a relaxed
+    recursive model each loop has its own LoRA and maybe its own norm weights. Each projection becomes
+    one multi-LoRA linear (``kernels.multi_lora_linear``: the shared weight read once, every token its
+    own step's adapter; ranks zero-padded to the largest), each norm a per-token weight. Same interface as
+    ``StepDelta`` (``project``, ``norm_weight``), so the layer code does not change.
+    """
+
+    def __init__(self, layer: nn.Module, deltas: list[StepDelta | None], token_delta: torch.Tensor):
+        self.layer, self.deltas, self.token_delta = layer, deltas, token_delta  # token_delta: [N] index into deltas
+
+    def project(self, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        loras = [d.lora[name] if d is not None and name in d.lora else None for d in self.deltas]
+        if all(lora is None for lora in loras):
+            return linear(x)
+        rank = max(lora.A.shape[0] for lora in loras if lora is not None)
+        a = x.new_zeros(len(loras), rank, linear.in_features)
+        b = x.new_zeros(len(loras), rank, linear.out_features)  # stored [n, r, out]: coalesced kernel loads
+        scales = torch.zeros(len(loras), device=x.device)
+        for i, lora in enumerate(loras):
+            if lora is not None:
+                a[i, :lora.A.shape[0]], b[i, :lora.B.shape[1]], scales[i] = lora.A, lora.B.T, lora.scale
+        has = torch.tensor([lora is not None for lora in loras], device=x.device)
+        ids = torch.where(has[self.token_delta], self.token_delta, -1)
+        return kernels.multi_lora_linear(x, linear.weight, linear.bias, a, b.transpose(1, 2), ids, scales)
+
+    def norm_weight(self, name: str) -> torch.Tensor | None:
+        if not any(d is not None and name in d.norms for d in self.deltas):
+            return None
+        own = getattr(self.layer, name).weight
+        table = torch.stack([d.norms[name] if d is not None and name in d.norms else own for d in self.deltas])
+        return table[self.token_delta]
+
+
+def _paged_attention(q: torch.Tensor, cache: KVCache, step: int | torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """Ragged attention straight over the KV cache (the Triton path), packed ``[N, heads, head_dim]`` in and out.
+
+    The cache ``[steps, batch, kv_heads, capacity, head_dim]`` is a paged pool of one page of ``capacity``
+    positions per (step, row); token ``i`` reads page ``step * batch + rows[i]`` up to its own slot.
+    """
+    steps, batch = cache.k.shape[:2]
+    pool_k, pool_v = (c.view(steps * batch, *c.shape[2:]) for c in (cache.k, cache.v))
+    arange = torch.arange(batch, device=q.device)
+    row_page = step * batch + arange  # works for an int step and for a per-row [B] step tensor
+    if chunk.width == 1:  # decode: one query per row
+        return kernels.paged_decode_attention(q, pool_k, pool_v, row_page[chunk.rows, None], chunk.slots + 1)
+    counts = torch.bincount(chunk.rows, minlength=batch)
+    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # packed tokens are row-major
+    lengths = torch.where(counts > 0, chunk.slots[(starts[1:] - 1).clamp(min=0)] + 1, 0)
+    return kernels.paged_chunk_attention(q, pool_k, pool_v, row_page[:, None], lengths, starts)
 
 
 def rope_inverse_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -175,7 +239,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    """``x * cos + rotate_half(x) * sin`` (dispatched: a fused kernel on CUDA)."""
+    return kernels.apply_rotary(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -206,6 +271,9 @@ class Attention(nn.Module):
                                                  is_causal=True, enable_gqa=gqa).transpose(1, 2)
         else:
             cache.write(step, k, v, chunk)
+            if kernels.use_triton(q):  # ragged: each row reads only its own keys, no mask, no padding
+                return project(self.o_proj, "o_proj", _paged_attention(q, cache, step, chunk).reshape(
+                    *x.shape[:-1], -1), delta)
             keys, values = cache.read(step, chunk)
             q = chunk.unpack(q).transpose(1, 2)  # [B, heads, width, head_dim]
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
@@ -229,7 +297,7 @@ class MLP(nn.Module):
 
     def forward(self, x, delta: StepDelta | None = None):
         gate, up = project(self.gate_proj, "gate_proj", x, delta), project(self.up_proj, "up_proj", x, delta)
-        return project(self.down_proj, "down_proj", F.silu(gate) * up, delta)
+        return project(self.down_proj, "down_proj", kernels.silu_mul(gate, up), delta)
 
 
 class DecoderLayer(nn.Module):
@@ -241,9 +309,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, h, rope, cache=None, step=0, chunk=None, delta: StepDelta | None = None):
-        h = h + self.self_attn(norm(self.input_layernorm, "input_layernorm", h, delta), rope, cache, step, chunk,
-                               delta)
-        return h + self.mlp(norm(self.post_attention_layernorm, "post_attention_layernorm", h, delta), delta)
+        a = self.self_attn(norm(self.input_layernorm, "input_layernorm", h, delta), rope, cache, step, chunk, delta)
+        x, h = add_norm(self.post_attention_layernorm, "post_attention_layernorm", a, h, delta)  # h = h + a
+        return h + self.mlp(x, delta)
 
 
 class Decoder(nn.Module):
@@ -292,12 +360,17 @@ class Decoder(nn.Module):
 
         Each row reads and writes the KV cache of its own step: tokens at different recursion loops
         share one batch through the shared weights (continuous depth-wise batching). Per-step deltas
-        (LoRA relaxation, own norms) would need a multi-LoRA projection and are rejected here.
+        (LoRA relaxation, own norms) are applied per token: one multi-LoRA projection (``RowDeltas``).
         """
-        if any(str(int(s)) in self.step_deltas for s in steps.unique()):
-            raise ValueError("run_shared_layer does not apply per-step deltas (LoRA/norms) yet: merge or drop "
-                             "the relaxation, or decode with the static-batching engine")
-        return self.layers[layer](h, rope, cache, steps, chunk)
+        delta = None
+        if len(self.step_deltas):
+            token_steps = steps[chunk.rows].tolist()
+            present = sorted(set(token_steps))
+            if any(str(s) in self.step_deltas for s in present):
+                index = {s: i for i, s in enumerate(present)}
+                delta = RowDeltas(self.layers[layer], [self.delta(s) for s in present],
+                                  torch.tensor([index[s] for s in token_steps], device=h.device))
+        return self.layers[layer](h, rope, cache, steps, chunk, delta)
 
     def delta(self, step: int) -> StepDelta | None:
         return self.step_deltas[str(step)] if str(step) in self.step_deltas else None
