@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit", "cdb": "mor_lab.bench.cdb"}
+SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit", "cdb": "mor_lab.bench.cdb",
+          "kernels": "mor_lab.bench.kernels"}
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:

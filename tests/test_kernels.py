@@ -252,3 +252,19 @@ def test_engine_hidden_states_close_with_kernels_and_references():
             states.append((h, d))
     for a, b in zip(*states):
         close(a, b, (1e-4, 1e-4) if not CUDA else (5e-3, 5e-3))
+
+
+def test_bench_kernels_cli_without_gpu_runs_the_correctness_pass(tmp_path, capsys):
+    if CUDA:
+        pytest.skip("the GPU path is exercised by scripts/gpu_check.sh")
+    import json
+
+    from mor_lab.cli import main
+    out = tmp_path / "kernels.json"
+    assert main(["bench", "kernels", "--json", str(out)]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["suite"] == "kernels" and report["mode"] == "interpreter-correctness"
+    names = {r["kernel"].split("[")[0] for r in report["results"]}
+    assert set(kernels.KERNELS) <= names
+    assert report["all_ok"] and all(r["ok"] for r in report["results"])
