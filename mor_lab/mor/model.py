@@ -544,6 +544,7 @@ class MoRModel(Decoder):
         directory = Path(directory)
         model = cls(MoRConfig.from_dict(json.loads((directory / "mor_config.json").read_text())))
         state = load_file(str(directory / "model.safetensors"))
+        model.to(state["embed_tokens.weight"].dtype)
         if model.config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state)

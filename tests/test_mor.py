@@ -1,0 +1,300 @@
+"""Mixture-of-Recursions: routers, losses, both KV schemes (training masks vs a naive reference vs the
+decoding cache), routed decoding with static batching and CDB, checkpoints, FLOPs, the bench CLI."""
+import json
+import math
+
+import pytest
+import torch
+
+import mor_lab
+from mor_lab.engine.cdb import cdb_generate
+from mor_lab.engine.policy import run_steps
+from mor_lab.models.cache import Chunk, KVCache
+from mor_lab.mor import (MoRConfig, MoRModel, RoutedDepth, RoutedExit, RouterConfig, capacity_schedule,
+                         default_capacity, hierarchical_topk, topk_agreement, topk_count)
+from mor_lab.mor.routers import ExpertChoiceRouter, TokenChoiceRouter
+
+DIMS = mor_lab.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=8, num_heads=4,
+                           num_kv_heads=2)
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10], [11, 12, 13, 14], [15, 16], [17, 18, 19, 20, 21], [22, 23, 24]]
+ROUTED = [(k, s) for k in ("expert", "token") for s in ("recursion", "share")]
+
+
+def make(kind="expert", scheme="recursion", n=3, std=0.3, **router):
+    router = RouterConfig(init_std=1.0, **router)
+    return MoRModel(MoRConfig(DIMS, kind=kind, num_recursions=n, kv_scheme=scheme, router=router,
+                              init_std=std)).double().eval()
+
+
+# --- routers -----------------------------------------------------------------------------------------
+def test_capacity_schedule_and_warmup():
+    assert default_capacity(3) == [1, 2 / 3, 1 / 3]
+    assert [topk_count(c, 12) for c in default_capacity(3)] == [12, 8, 4]
+    assert topk_count(0.01, 10) == 1
+    assert capacity_schedule([1, 0.5], step=0, warmup_steps=10) == [1, 1]
+    assert capacity_schedule([1, 0.5], step=5, warmup_steps=10) == pytest.approx([1, 0.75])
+    assert capacity_schedule([1, 0.5], step=50, warmup_steps=10) == [1, 0.5]
+
+
+def test_hierarchical_topk_keeps_capacity_hierarchy_and_causal_order():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 20, generator=g)
+    candidates = torch.rand(4, 20, generator=g) < 0.6
+    candidates[:, :8] = True
+    sel = hierarchical_topk(logits, candidates, 5)
+    assert (sel.sum(-1) == 5).all() and not (sel & ~candidates).any()
+    for b in range(4):
+        chosen = logits[b][sel[b]].min()
+        assert (logits[b][candidates[b] & ~sel[b]] <= chosen).all()  # the best candidates
+    with pytest.raises(ValueError, match="candidates"):
+        hierarchical_topk(logits, candidates & (torch.arange(20) < 3), 5)
+
+
+@pytest.mark.parametrize("seq_len", [12, 13])
+def test_expert_choice_forward_respects_capacities_and_hierarchy(seq_len):
+    model = make("expert", n=3)
+    ids = torch.randint(0, 64, (3, seq_len), generator=torch.Generator().manual_seed(1))
+    out = model(ids)
+    loops = out.routing.loops
+    for r, cap in enumerate(default_capacity(3)):
+        assert ((loops > r).sum(-1) == topk_count(cap, seq_len)).all()  # top-k over the full length
+    # hierarchical: the tokens at loop 2 are the best of the loop-1 tokens by the loop-2 router
+    logits2 = out.routing.router_logits[2]
+    for b in range(3):
+        assert logits2[b][loops[b] == 3].min() >= logits2[b][loops[b] == 2].max()
+    # warm-up: at step 0 every token runs every loop
+    assert (model(ids, step=0).routing.loops == 3).all() if model.router.config.warmup_steps else True
+    warm = make("expert", n=3, warmup_steps=10)
+    assert (warm(ids, step=0).routing.loops == 3).all()
+
+
+def test_expert_losses_bce_z_and_aux_router():
+    model = make("expert", z_loss=1e-3)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    out = model(ids, targets=ids)
+    logits, loops = out.routing.router_logits, out.routing.loops
+    manual = sum(torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[r][loops >= r].float(), (loops > r)[loops >= r].float()) for r in range(3))
+    assert float(out.aux["router_bce"]) == pytest.approx(0.001 * float(manual), rel=1e-6)
+    manual_z = sum(logits[r][loops >= r].square().mean() for r in range(3))
+    assert float(out.aux["router_z"]) == pytest.approx(1e-3 * float(manual_z), rel=1e-6)
+    assert float(out.loss) == pytest.approx(float(out.lm_loss + out.aux["router_bce"] + out.aux["router_z"]))
+    # a separate aux router learns on detached inputs: its loss moves nothing but itself
+    aux = make("expert", aux_router=True)
+    out = aux(ids, targets=ids)
+    out.aux["router_bce"].backward()
+    assert all(p.grad is None or not p.grad.any() for n, p in aux.named_parameters() if "aux_nets" not in n)
+    assert any(p.grad is not None and p.grad.any() for n, p in aux.named_parameters() if "aux_nets" in n)
+
+
+def test_token_choice_balance_loss_and_loss_free_bias():
+    router = TokenChoiceRouter(RouterConfig(), 8, 3)
+    h = torch.randn(50, 8)
+    logits, probs, depth, gate = router.route(h)
+    assert torch.allclose(probs.sum(-1), torch.ones(50))
+    assert torch.allclose(gate, probs.gather(-1, depth[:, None]).squeeze(-1))  # alpha = 1
+    f = 3 * torch.bincount(depth, minlength=3).float() / 50
+    assert float(router.losses(logits, probs, depth)["router_balance"]) == pytest.approx(
+        0.1 * float((probs.mean(0) * f).sum()), rel=1e-5)
+    free = TokenChoiceRouter(RouterConfig(loss_free=True), 8, 3)
+    assert "router_balance" not in free.losses(logits, probs, depth)
+    free.update_bias(torch.tensor([0, 0, 0, 0, 1, 2]))
+    assert free.bias.tolist() == pytest.approx([-0.001, 0.001, 0.001])  # overloaded depth pushed down
+    sig = TokenChoiceRouter(RouterConfig(score="sigmoid", alpha=0.5), 8, 3)
+    _, probs, depth, gate = sig.route(h)
+    assert torch.allclose(gate, torch.sigmoid(sig.net(h)).gather(-1, depth[:, None]).squeeze(-1) * 0.5)
+
+
+def test_expert_router_scores_and_decode_rule():
+    router = ExpertChoiceRouter(RouterConfig(score="tanh", alpha=0.5), 8, 2)
+    z = torch.linspace(-3, 3, 7)
+    assert torch.allclose(router.gate(z), torch.tanh(z) * 0.5)
+    h = torch.randn(30, 8)
+    assert torch.equal(router.decide(1, h), router.logits(1, h) > 0)  # sigmoid(logit) > 0.5
+    loops = torch.randint(0, 2, (30,))
+    per_token = router.logits(loops, h)
+    assert torch.allclose(per_token, torch.where(loops == 0, router.logits(0, h), router.logits(1, h)))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("kind", "moe", "MoRConfig.kind"), ("kv_scheme", "paged", "MoRConfig.kv_scheme"),
+    ("num_recursions", 0, "MoRConfig.num_recursions"), ("num_recursions", 7, "MoRConfig.num_recursions"),
+    ("router", RouterConfig(arch="conv"), "RouterConfig.arch"),
+    ("router", RouterConfig(capacity=[1, 0.2, 0.5]), "RouterConfig.capacity"),
+    ("router", RouterConfig(capacity=[0.9, 0.5, 0.2]), r"RouterConfig.capacity\[0\]"),
+    ("router", RouterConfig(score="softmax"), "RouterConfig.score"),
+])
+def test_config_validation_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        MoRConfig(DIMS, **{field: value})
+
+
+# --- KV schemes: training masks == naive reference == decoding cache -----------------------------------
+def naive_mor(model, ids, loops):
+    """Token by token with python lists of keys/values per depth step; attention written out by hand.
+
+    Recursion-wise: step s keeps the keys of the tokens that ran s. Sharing: loop r > 0 reads loop 0's."""
+    st, c = model.structure, model.config
+    share = model.mor.kv_scheme == "share"
+    store: dict[int, list] = {}
+    out = []
+
+    def layer(step, h, rope, read_step, write):
+        L = model.layers[model.plan[step]]
+        q, k, v = L.self_attn.project(L.input_layernorm(h), rope)
+        if write:
+            store.setdefault(step, []).append((k[0], v[0]))
+        keys = torch.stack([kk for kk, _ in store[read_step]]).repeat_interleave(c.num_heads // c.num_kv_heads, 1)
+        values = torch.stack([vv for _, vv in store[read_step]]).repeat_interleave(c.num_heads // c.num_kv_heads, 1)
+        weights = (torch.einsum("hd,nhd->hn", q[0], keys) / math.sqrt(c.head_dim)).softmax(-1)
+        h = h + L.self_attn.o_proj(torch.einsum("hn,nhd->hd", weights, values).reshape(1, -1))
+        return h + L.mlp(L.post_attention_layernorm(h))
+
+    for t in range(len(ids)):
+        rope = model.rope(torch.tensor([t]))
+        h = model.embed(ids[t:t + 1])
+        for s in range(st.prelude):
+            h = layer(s, h, rope, s, True)
+        x = h
+        for r in range(int(loops[t])):
+            gate = model.router.gate(model.router.logits(r, h)) if model.kind == "expert" else None
+            h_in = h
+            for j, s in enumerate(st.loop_steps(r)):
+                h = layer(s, h, rope, st.loop_steps(0)[j] if share else s, r == 0 or not share)
+            if gate is not None:
+                h = h_in + gate[:, None] * h
+        if model.kind == "token":
+            h = x + model.router.route(x, loops[t:t + 1] - 1)[3][:, None] * h
+        for s in st.coda_steps():
+            h = layer(s, h, rope, s, True)
+        out.append(model.head(h)[0])
+    return torch.stack(out)
+
+
+def cached_logits(model, ids, prefill: int):
+    """Prefill ``prefill`` tokens in one packed pass, then decode the rest one token per step."""
+    B, T = ids.shape
+    cache = KVCache.for_model(model, B, T)
+    lengths = torch.full((B,), prefill)
+    h, _ = run_steps(model, model.embed(ids[:, :prefill].reshape(-1)), range(model.num_steps), cache,
+                     Chunk.prefill(lengths))
+    logits = [model.head(h).view(B, prefill, -1)]
+    for t in range(prefill, T):
+        h, _ = run_steps(model, model.embed(ids[:, t]), range(model.num_steps), cache, Chunk.decode(lengths))
+        lengths = lengths + 1
+        logits.append(model.head(h)[:, None])
+    return torch.cat(logits, 1), cache
+
+
+@pytest.mark.parametrize("kind,scheme", ROUTED + [("recursive", "recursion"), ("recursive", "share")])
+@torch.no_grad()
+def test_masks_match_naive_reference_and_the_decoding_cache(kind, scheme):
+    model = make(kind, scheme)
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(3))
+    out = model(ids)
+    loops = out.routing.loops
+    if kind != "recursive":
+        assert len(set(loops.flatten().tolist())) == 3  # really mixed depths
+    for b in range(3):
+        assert torch.allclose(out.logits[b], naive_mor(model, ids[b], loops[b]), atol=1e-10)
+    with model.forced_routing(loops):
+        for prefill in (1, 6):
+            logits, _ = cached_logits(model, ids, prefill)
+            assert torch.allclose(logits, out.logits, atol=1e-10)
+    # forcing the decisions in training reproduces them exactly
+    assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
+
+
+def test_vanilla_member_is_a_plain_decoder():
+    model = MoRModel(MoRConfig(DIMS, kind="vanilla")).double().eval()
+    ids = torch.randint(0, 64, (2, 7))
+    plain = mor_lab.Decoder(model.config)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(model(ids).logits, plain.double()(ids))
+    assert model.num_steps == 8 and model.structure is None
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@torch.no_grad()
+def test_kv_memory_matches_the_formulas(n):
+    dims = mor_lab.ModelConfig(**{**DIMS.to_dict(), "num_layers": 2 + 2 * n})
+    T = 12 * n
+    for scheme, formula in (("recursion", (n + 1) / (2 * n)), ("share", 1 / n)):
+        model = MoRModel(MoRConfig(dims, kind="expert", num_recursions=n, kv_scheme=scheme)).double().eval()
+        ids = torch.randint(0, 64, (2, T))
+        loops = model(ids).routing.loops
+        with model.forced_routing(loops):
+            _, cache = cached_logits(model, ids, T)
+        st = model.structure
+        if scheme == "recursion":  # the compacted per-loop caches really hold these many tokens
+            held = int(cache.mor_state.loop_len.sum()) * st.block
+        else:
+            held = 2 * T * st.block  # loop 0 only
+        assert held / (2 * T * st.loops * st.block) == pytest.approx(formula, abs=1 / T)
+        entries = model.kv_entries_per_token(float(loops.float().mean())) - st.prelude - st.coda
+        assert entries / (st.loops * st.block) == pytest.approx(formula, abs=1 / T)
+
+
+# --- routed decoding: static batching and CDB ----------------------------------------------------------
+@pytest.mark.parametrize("kind,scheme", ROUTED + [("recursive", "recursion")])
+def test_cdb_with_routed_depth_equals_static_and_each_sequence_alone(kind, scheme):
+    model = make(kind, scheme)
+    static, static_trace = mor_lab.generate_ids(model, PROMPTS, 6, eos_token_ids=[], policy=RoutedDepth())
+    for slots in (1, 3, 8):
+        cdb, trace = cdb_generate(model, model.structure, PROMPTS, 6, slots, RoutedExit())
+        assert cdb == static
+    for i, prompt in enumerate(PROMPTS):
+        alone, _ = cdb_generate(model, model.structure, [prompt], 6, 1, RoutedExit())
+        assert alone[0] == static[i]
+    depths = {len(t.steps) for seq in trace.tokens for t in seq[1:]}
+    assert depths == ({8} if kind == "recursive" else {4, 6, 8})
+    assert depths == {len(t.steps) for seq in static_trace.tokens for t in seq[1:]}
+
+
+def test_static_routed_decoding_with_finished_rows_leaving_the_batch():
+    model = make("token", "recursion")
+    free_run, _ = mor_lab.generate_ids(model, PROMPTS, 8, eos_token_ids=[], policy=RoutedDepth())
+    eos = free_run[0][2]
+    with_eos, _ = mor_lab.generate_ids(model, PROMPTS, 8, eos_token_ids=[eos], policy=RoutedDepth())
+    cdb, _ = cdb_generate(model, model.structure, PROMPTS, 8, 3, RoutedExit(), eos_token_ids=[eos])
+    for got, via_cdb, ref in zip(with_eos, cdb, free_run):
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert got == ref[:cut] == via_cdb
+
+
+@torch.no_grad()
+def test_topk_agreement_and_decode_routing():
+    model = make("expert")
+    ids = torch.randint(0, 64, (2, 15))
+    agreement = topk_agreement(model, ids)
+    assert len(agreement["per_loop"]) == 2 and all(0 <= a <= 1 for a in agreement["per_loop"])
+    assert 1 <= agreement["decode_mean_loops"] <= 3
+    with model.forced_routing(agreement["train_loops"]):
+        forced = topk_agreement(model, ids)
+    assert forced["depth"] == 1.0  # with the training decisions forced, decoding agrees everywhere
+
+
+# --- checkpoints, FLOPs, training ----------------------------------------------------------------------
+def test_checkpoint_reloads_bit_identically(tmp_path):
+    model = make("token", "share", loss_free=True)
+    model.router.bias += torch.tensor([0.1, -0.2, 0.0], dtype=model.router.bias.dtype)
+    model.save(tmp_path / "ckpt")
+    again = MoRModel.load(tmp_path / "ckpt")
+    assert again.mor == model.mor
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert json.loads((tmp_path / "ckpt" / "mor_config.json").read_text())["kind"] == "token"
+
+
+def test_flops_accounting():
+    dims = mor_lab.ModelConfig(**{**DIMS.to_dict(), "num_layers": 11})
+    vanilla, rec, mor = (MoRModel(MoRConfig(dims, kind=k, num_recursions=3)) for k in ("vanilla", "recursive", "expert"))
+    T = 30
+    per_layer = vanilla.layer_flops() * T + 4 * dims.num_heads * dims.head_dim * T * (T + 1) / 2
+    head = 2 * dims.hidden_size * dims.vocab_size * T
+    assert vanilla.forward_flops(None, T) == pytest.approx(11 * per_layer + head)
+    assert rec.forward_flops(None, T) == pytest.approx(11 * per_layer + head)  # 1 + 3 x 3 + 1 steps
+    expected = mor.forward_flops(mor.expected_loops(T), T)
+    # loops run on 30, 20, 10 tokens: 2 + 3 x 2 full-length layers of matmuls
+    assert expected < rec.forward_flops(None, T)
+    assert mor.train_flops_per_token(T) == pytest.approx(3 * expected / T)
