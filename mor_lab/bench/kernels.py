@@ -229,3 +229,27 @@ def run(model_name: str | None = None, quick: bool = False, device: str | None =
                     "read) and of a measured bf16 8192^3 matmul; paged_decode_attention is timed against padded "
                     "SDPA over a dense cache (the engine's reference path), multi_lora_linear also against one "
                     "dense matmul of the same shape"}
+
+
+def load_gpu_report(name: str = "kernels-gpu.json") -> dict | None:
+    """The recorded GPU run of this suite (``docs/bench/<name>``, from the repo root or ``notebooks/``), if any."""
+    import json
+    from pathlib import Path
+    for folder in (Path("docs/bench"), Path("../docs/bench"), Path(__file__).resolve().parents[2] / "docs/bench"):
+        if (folder / name).is_file():
+            report = json.loads((folder / name).read_text())
+            return report if report.get("mode") == "gpu" else None
+    return None
+
+
+def format_table(report: dict) -> str:
+    """The per-kernel rows of a GPU report as a fixed-width text table, then the engine rows."""
+    lines = [f"{report['environment'].get('gpu', '?')}  peaks: {report.get('peaks')}",
+             f"{'kernel':36s} {'ms':>9s} {'vs baseline':>11s} {'GB/s':>8s} {'of peak BW':>10s} {'TFLOP/s':>8s} "
+             f"{'vs dense':>8s}"]
+    for r in report["results"]:
+        lines.append(f"{r['kernel']:36s} {r['kernel_ms']:9.4f} {r['speedup']:10.2f}x {r['gb_per_s']:8.0f} "
+                     f"{r['bandwidth_fraction']:10.0%} {r['tflop_per_s']:8.2f} {r.get('vs_dense_matmul', ''):>8}")
+    for r in report.get("engine", []):
+        lines.append(str(r))
+    return "\n".join(lines)
