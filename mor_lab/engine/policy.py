@@ -57,8 +57,12 @@ def run_steps(model, h: torch.Tensor, steps, cache: KVCache, chunk: Chunk, rope=
 def propagate(model, h: torch.Tensor, steps, cache: KVCache, chunk: Chunk, rope=None) -> None:
     """State propagation: fill the KV of ``steps`` for tokens that exited with hidden state ``h``."""
     rope = model.rope(chunk.positions) if rope is None else rope
+    groups: dict[tuple, list[int]] = {}  # tied loops of one layer share their K/V: computed once
     for step in steps:
-        model.propagate_state(step, h, rope, cache, chunk)
+        tied = model.delta(step) is None
+        groups.setdefault((model.plan[step], None if tied else step), []).append(step)
+    for group in groups.values():
+        model.propagate_state(group, h, rope, cache, chunk)
 
 
 def subset_chunk(lengths: torch.Tensor, rows: torch.Tensor) -> Chunk:

@@ -254,12 +254,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def project(self, x, rope, delta: StepDelta | None = None):
+        q = project(self.q_proj, "q_proj", x, delta).view(*x.shape[:-1], self.num_heads, self.head_dim)
+        return (apply_rotary(q, *rope), *self.project_kv(x, rope, delta))
+
+    def project_kv(self, x, rope, delta: StepDelta | None = None):
+        """Keys (rotated) and values only: what a token leaves in the cache."""
         shape = x.shape[:-1]
-        q = project(self.q_proj, "q_proj", x, delta).view(*shape, self.num_heads, self.head_dim)
         k = project(self.k_proj, "k_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
         v = project(self.v_proj, "v_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return apply_rotary(k, *rope), v
 
     def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None,
                 delta: StepDelta | None = None):
@@ -279,10 +282,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
             out = chunk.pack(out.transpose(1, 2))
         return project(self.o_proj, "o_proj", out.reshape(*x.shape[:-1], -1), delta)
-
-    def write_kv(self, x, rope, cache: KVCache, step: int, chunk: Chunk, delta: StepDelta | None = None) -> None:
-        """Only this layer's keys/values for ``x`` into the cache (no attention, no output)."""
-        cache.write(step, *self.project(x, rope, delta)[1:], chunk)
 
 
 class MLP(nn.Module):
@@ -375,12 +374,19 @@ class Decoder(nn.Module):
     def delta(self, step: int) -> StepDelta | None:
         return self.step_deltas[str(step)] if str(step) in self.step_deltas else None
 
-    def propagate_state(self, step: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk) -> None:
+    def propagate_state(self, step: int | list[int], h: torch.Tensor, rope, cache: KVCache, chunk: Chunk) -> None:
         """CALM's state propagation: a token that exited before ``step`` still gets this step's KV,
-        computed from its exited hidden state ``h``, so later tokens find a complete cache."""
-        layer, delta = self.layers[self.plan[step]], self.delta(step)
-        layer.self_attn.write_kv(norm(layer.input_layernorm, "input_layernorm", h, delta), rope, cache, step, chunk,
-                                 delta)
+        computed from its exited hidden state ``h``, so later tokens find a complete cache.
+
+        A list of steps must run one physical layer with no per-step delta (the loops of a tied
+        recursive block): their K/V are identical, so they are computed once and written to each."""
+        steps = [step] if isinstance(step, int) else list(step)
+        layer, delta = self.layers[self.plan[steps[0]]], self.delta(steps[0])
+        if len(steps) > 1 and any(self.plan[s] != self.plan[steps[0]] or self.delta(s) is not None for s in steps):
+            raise ValueError(f"steps {steps} do not share one layer without deltas; propagate them one by one")
+        k, v = layer.self_attn.project_kv(norm(layer.input_layernorm, "input_layernorm", h, delta), rope, delta)
+        for s in steps:
+            cache.write(s, k, v, chunk)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
