@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 SUITES = {"generate": "mor_lab.bench.generate", "early-exit": "mor_lab.bench.early_exit", "cdb": "mor_lab.bench.cdb",
-          "kernels": "mor_lab.bench.kernels"}
+          "kernels": "mor_lab.bench.kernels", "mor": "mor_lab.bench.mor"}
 
 
 def _batch_sizes(text: str) -> tuple[int, ...]:

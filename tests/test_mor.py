@@ -298,3 +298,27 @@ def test_flops_accounting():
     # loops run on 30, 20, 10 tokens: 2 + 3 x 2 full-length layers of matmuls
     assert expected < rec.forward_flops(None, T)
     assert mor.train_flops_per_token(T) == pytest.approx(3 * expected / T)
+
+
+# --- benchmark ------------------------------------------------------------------------------------------
+def test_bench_mor_cli_quick_on_a_tiny_shape(tmp_path, monkeypatch):
+    from mor_lab import cli
+    from mor_lab.bench import mor as bench
+    monkeypatch.setattr(bench, "SMOLLM2_SHAPE", mor_lab.ModelConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=30, num_heads=4, num_kv_heads=2))
+    path = tmp_path / "mor.json"
+    assert cli.main(["bench", "mor", "--quick", "--json", str(path), "--batch-sizes", "2,3", "--max-new-tokens", "3"]) == 0
+    report = json.loads(path.read_text())
+    assert report["suite"] == "mor" and report["quick"]
+    methods = {(r["method"], r["batch_size"]) for r in report["results"]}
+    assert methods == {(m, b) for b in (2, 3) for m in
+                       ["vanilla"] + [f"mor{n}_{k}" for n in (2, 3, 4) for k in ("cdb", "static")]}
+    for row in report["results"]:
+        assert {"method", "batch_size", "tokens_per_s", "mean_layers", "kv_cache_mb"} <= set(row)
+        assert row["tokens_per_s"] > 0 and row["new_tokens"] == row["requests"] * report["max_new_tokens"]
+    vanilla = next(r for r in report["results"] if r["method"] == "vanilla")
+    assert vanilla["mean_layers"] == 30
+    assert all(1 <= r["mean_loops"] <= int(r["method"][3]) for r in report["results"] if r["method"] != "vanilla")
+    for row in report["kv_memory"]["rows"][1:]:
+        assert row["loop_kv_vs_all_loops"] == pytest.approx(row["formula"], abs=0.05)
+    assert [r["method"] for r in report["equal_memory"]["results"]] == ["vanilla", "mor2_cdb", "mor3_cdb", "mor4_cdb"]

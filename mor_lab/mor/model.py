@@ -333,6 +333,13 @@ class MoRModel(Decoder):
     def _kv(self, cache):
         return SharedKV(cache, self.structure) if self.mor.kv_scheme == "share" else cache
 
+    def _attention_backend(self):
+        """KV sharing reads another step's cache through ``KVCache.read``: the PyTorch attention path."""
+        if self.mor.kv_scheme != "share":
+            return contextlib.nullcontext()
+        from .. import kernels
+        return kernels.use("reference")
+
     def continues(self, loop, h, rows, positions, depth) -> torch.Tensor:
         """Decode-time decision: does each token (loop index ``loop``, int or per token) take that loop?"""
         if self.forced_loops is not None:
@@ -369,7 +376,8 @@ class MoRModel(Decoder):
         a = p["active"]
         if not bool(a.any()):
             return h
-        out = super().run_step(step, h[a], p["rope"], self._kv(cache), p["chunk"])
+        with self._attention_backend():
+            out = super().run_step(step, h[a], p["rope"], self._kv(cache), p["chunk"])
         if j == self.structure.block - 1:
             out = self._leave_loop(out, p["h_in"], p.get("gate"), p["loops"][a] == loop + 1,
                                    p.get("x"), p.get("tgate"), a)
@@ -432,7 +440,8 @@ class MoRModel(Decoder):
                     state.depth[rows[first]], state.gate[rows[first]], state.x[rows[first]] = depth, gate, h[first]
             b["chunk"] = self._loop_chunk(state, loops, rows, chunk.slots, chunk.positions, chunk.batch_size)
         b = state.block
-        out = super().run_shared_layer(layer, h, rope, self._kv(cache), b["chunk"], steps)
+        with self._attention_backend():
+            out = super().run_shared_layer(layer, h, rope, self._kv(cache), b["chunk"], steps)
         if j == st.block - 1:
             everyone = torch.ones(len(rows), dtype=torch.bool, device=h.device)
             out = self._leave_loop(out, b["h_in"], b.get("gate"), state.depth[rows] == b["loops"] + 1,
@@ -443,10 +452,12 @@ class MoRModel(Decoder):
         return out
 
     def propagate_state(self, step, h, rope, cache, chunk) -> None:
-        """No state propagation: a token that skipped loop r has no KV there (recursion-wise caching), or
-        reads loop 0's (sharing)."""
-        if self.structure is None or self._loop_of(step) is None:
-            super().propagate_state(step, h, rope, cache, chunk)
+        """No state propagation into loops: a token that skipped loop r has no KV there (recursion-wise
+        caching), or reads loop 0's (sharing). ``step``: one step or a list sharing a layer."""
+        steps = [step] if isinstance(step, int) else list(step)
+        outside = [s for s in steps if self._loop_of(s) is None]
+        if outside:
+            super().propagate_state(outside if len(outside) > 1 else outside[0], h, rope, cache, chunk)
 
     @contextlib.contextmanager
     def forced_routing(self, loops: torch.Tensor):
@@ -606,3 +617,23 @@ def topk_agreement(model: MoRModel, input_ids: torch.Tensor) -> dict:
     return {"per_loop": per_loop, "depth": float((train == decode).float().mean()),
             "train_mean_loops": float(train.float().mean()), "decode_mean_loops": float(decode.float().mean()),
             "train_loops": train, "decode_loops": decode}
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: MoRModel, input_ids: torch.Tensor) -> list[float]:
+    """Set each expert-choice decode threshold to the top-k boundary of the training pass on this text.
+
+    The logit between the last selected and the first unselected candidate (median over rows) lets the
+    causal decode rule ``logit > threshold`` send about the capacity's fraction of tokens on, without
+    the auxiliary loss (random-weight speed benchmarks; a trained router with the aux loss keeps 0)."""
+    if model.kind != "expert":
+        raise ValueError(f"calibrate_thresholds needs an expert-choice model, got kind={model.kind!r}")
+    routing = model(input_ids).routing
+    thresholds = [0.0]
+    for r in range(1, model.num_recursions):
+        logits, loops = routing.router_logits[r].float(), routing.loops
+        selected = logits.masked_fill(loops <= r, float("inf")).min(-1).values
+        rest = logits.masked_fill((loops != r), float("-inf")).max(-1).values
+        thresholds.append(float(((selected + rest.clamp(max=selected)) / 2).median()))
+    model.router.threshold.copy_(torch.tensor(thresholds))
+    return thresholds
