@@ -61,3 +61,5 @@ def test_bench_cdb_reports_every_method_with_loops_and_utilization(tiny_checkpoi
     assert rows["recursive_cdb"]["mean_loops"] == rows["recursive_static_exit"]["mean_loops"]  # same decisions
     assert 0 < rows["recursive_static_exit"]["utilization"] <= 1
     assert rows["recursive_cdb"]["utilization_queue_nonempty"] == 1.0  # refilled slots never idle
+    cdb = rows["recursive_cdb"]
+    assert 1 < cdb["compute_ideal_speedup"] < cdb["ideal_speedup"]  # prelude, coda and head do not shrink

@@ -13,10 +13,11 @@ from ..models.hf import load_pretrained, resolve
 from .common import PeakMemory, environment, machine_peaks, timer
 
 
-def bench_prompts(tokenizer, count: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
-    """``count`` prompts of 8-60 words from CPython's documentation (random ids without a tokenizer)."""
+def bench_prompts(tokenizer, count: int, vocab_size: int, seed: int = 0, words: tuple[int, int] = (8, 60)
+                  ) -> list[list[int]]:
+    """``count`` prompts of ``words`` (min, max) words from CPython's documentation (random ids without a tokenizer)."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(8, 61, (count,), generator=generator).tolist()
+    lengths = torch.randint(words[0], words[1] + 1, (count,), generator=generator).tolist()
     if tokenizer is None:
         return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
     from pydoc_data.topics import topics
