@@ -75,7 +75,7 @@ def test_expert_losses_bce_z_and_aux_router():
     logits, loops = out.routing.router_logits, out.routing.loops
     manual = sum(torch.nn.functional.binary_cross_entropy_with_logits(
         logits[r][loops >= r].float(), (loops > r)[loops >= r].float()) for r in range(3))
-    assert float(out.aux["router_bce"]) == pytest.approx(0.001 * float(manual), rel=1e-6)
+    assert out.aux["router_bce"].item() == pytest.approx(0.001 * manual.item(), rel=1e-6)
     manual_z = sum(logits[r][loops >= r].square().mean() for r in range(3))
     assert float(out.aux["router_z"]) == pytest.approx(1e-3 * float(manual_z), rel=1e-6)
     assert float(out.loss) == pytest.approx(float(out.lm_loss + out.aux["router_bce"] + out.aux["router_z"]))
@@ -322,3 +322,46 @@ def test_bench_mor_cli_quick_on_a_tiny_shape(tmp_path, monkeypatch):
     for row in report["kv_memory"]["rows"][1:]:
         assert row["loop_kv_vs_all_loops"] == pytest.approx(row["formula"], abs=0.05)
     assert [r["method"] for r in report["equal_memory"]["results"]] == ["vanilla", "mor2_cdb", "mor3_cdb", "mor4_cdb"]
+
+
+def test_equal_flops_training_and_checkpoint(tmp_path):
+    from mor_lab.mor.train import TrainConfig, compare, summary, wsd
+    config = TrainConfig(steps=10, batch_size=2, seq_len=16)
+    assert wsd(0, 10, config) == 1.0 and wsd(9, 10, config) == pytest.approx(config.min_lr)
+    with pytest.raises(ValueError, match="exactly one"):
+        TrainConfig(flops=1e9, steps=3)
+    tokens = torch.randint(0, 64, (2000,), generator=torch.Generator().manual_seed(0))
+    dims = mor_lab.ModelConfig(**{**DIMS.to_dict(), "num_layers": 5})
+    configs = {k: MoRConfig(dims, kind=k, num_recursions=3) for k in ("vanilla", "expert", "token")}
+    vanilla_step = MoRModel(configs["vanilla"]).train_flops_per_token(16) * 32
+    budget = TrainConfig(flops=4.5 * vanilla_step, batch_size=2, seq_len=16, eval_batches=1)
+    results = compare(configs, tokens[:1500], tokens[1500:], budget, progress=False, checkpoint_dir=tmp_path)
+    assert results["vanilla"][1].steps == 4 and results["expert"][1].steps > 4  # cheaper steps: more of them
+    for name, (model, r) in results.items():
+        assert r.flops[-1] == pytest.approx(budget.flops, rel=0.35) and all(math.isfinite(x) for x in r.losses)
+        assert r.val_loss is not None and (r.val_loss_causal is not None) == (name != "vanilla")
+        assert json.loads((tmp_path / name / "train.json").read_text())["result"]["steps"] == r.steps
+    assert [row["model"] for row in summary(results)] == list(configs)
+
+
+def test_viz_figures_and_capacity_dashboard():
+    from mor_lab.viz.mor import (CapacityDashboard, capacity_figure, depth_over_text, loss_curves, router_histograms,
+                                 routed_view)
+    model = make("expert").float()
+    ids = torch.randint(0, 64, (2, 12))
+    out = model(ids)
+    assert len(router_histograms(model, out.routing).data) == 6
+    token = make("token").float()
+    assert len(router_histograms(token, token(ids).routing).data) == 3
+    assert len(capacity_figure([1, 2 / 3, 1 / 3], warmup_steps=20).data) == 3
+    texts = [[f"t{i}" for i in range(12)]] * 2
+    assert depth_over_text(texts, out.routing.loops.tolist(), 3).data[0].zmax == 3
+    few, _ = routed_view(model, ids, capacity_scale=0.1)
+    many, _ = routed_view(model, ids, capacity_scale=1.5)
+    assert few.float().mean() < out.routing.loops.float().mean() < many.float().mean()
+    board = CapacityDashboard(model, ids, texts)
+    loops, loss = board.update(0.5, 0.05)
+    assert model.router.config.alpha == 0.1 and math.isfinite(loss)  # settings restored after the update
+    assert "loss" in board.summary.value
+    with pytest.raises(ValueError, match="expert"):
+        CapacityDashboard(token, ids, texts)
