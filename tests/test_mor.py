@@ -288,7 +288,8 @@ def test_checkpoint_reloads_bit_identically(tmp_path):
 
 def test_flops_accounting():
     dims = mor_lab.ModelConfig(**{**DIMS.to_dict(), "num_layers": 11})
-    vanilla, rec, mor = (MoRModel(MoRConfig(dims, kind=k, num_recursions=3)) for k in ("vanilla", "recursive", "expert"))
+    vanilla, rec, mor = (MoRModel(MoRConfig(dims, kind=k, num_recursions=3))
+                         for k in ("vanilla", "recursive", "expert"))
     T = 30
     per_layer = vanilla.layer_flops() * T + 4 * dims.num_heads * dims.head_dim * T * (T + 1) / 2
     head = 2 * dims.hidden_size * dims.vocab_size * T
@@ -307,7 +308,8 @@ def test_bench_mor_cli_quick_on_a_tiny_shape(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SMOLLM2_SHAPE", mor_lab.ModelConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=30, num_heads=4, num_kv_heads=2))
     path = tmp_path / "mor.json"
-    assert cli.main(["bench", "mor", "--quick", "--json", str(path), "--batch-sizes", "2,3", "--max-new-tokens", "3"]) == 0
+    assert cli.main(["bench", "mor", "--quick", "--json", str(path), "--batch-sizes", "2,3",
+                     "--max-new-tokens", "3"]) == 0
     report = json.loads(path.read_text())
     assert report["suite"] == "mor" and report["quick"]
     methods = {(r["method"], r["batch_size"]) for r in report["results"]}

@@ -75,11 +75,11 @@ def _timed(fn):
 
 def decode_one(model: MoRModel, method: str, prompts, max_new_tokens: int, batch_size: int) -> dict:
     """Serve ``prompts`` with ``batch_size`` slots; one row of the report."""
-    if method == "cdb":
-        fn = lambda: cdb_generate(model, model.structure, prompts, max_new_tokens, batch_size, RoutedExit())  # noqa: E731
-    else:
-        fn = lambda: _static(model, prompts, max_new_tokens, batch_size,  # noqa: E731
-                             RoutedDepth if model.structure is not None else (lambda: None))
+    def fn():
+        if method == "cdb":
+            return cdb_generate(model, model.structure, prompts, max_new_tokens, batch_size, RoutedExit())
+        return _static(model, prompts, max_new_tokens, batch_size,
+                       RoutedDepth if model.structure is not None else (lambda: None))
     with torch.inference_mode():
         (ids, trace), seconds = _timed(fn)
     tokens = sum(map(len, ids))
@@ -131,7 +131,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shape = shape or SMOLLM2_SHAPE
     max_new_tokens = max_new_tokens or (8 if quick else 32)
-    lengths = (8, 16) if quick else (16, 64)
+    lengths = (4, 12) if quick else (16, 64)
     max_memory_batch = max_memory_batch or max(batch_sizes) * (2 if quick else 8)
     models = build_models(shape, recursions, device)
     warm = bench_prompts(2, shape.vocab_size, (4, 6))

@@ -260,7 +260,8 @@ class MoRModel(Decoder):
         st, kind, n = self.structure, self.kind, self.structure.loops
         B, T, d = h.shape
         if loops is not None and (int(loops.min()) < 1 or int(loops.max()) > n):
-            raise ValueError(f"loops must be in 1..{n} (recursions per token), got {int(loops.min())}..{int(loops.max())}")
+            raise ValueError(f"loops must be in 1..{n} (recursions per token), "
+                             f"got {int(loops.min())}..{int(loops.max())}")
         x, aux, routing = h, {}, Routing(loops=None)
         if kind == "token":
             logits, probs, depth, gate = self.router.route(h, None if loops is None else loops - 1)
@@ -576,7 +577,8 @@ class RoutedDepth(DepthPolicy):
         loops = model.state(cache).pass_["loops"].tolist() if model.structure is not None else [1] * len(x)
         substeps = [SubStep(f"loop {r}", [f"loop {r}" if k > r else IDLE for k in loops], sum(k > r for k in loops))
                     for r in range(n)]
-        steps = [model.structure.steps_for(k) for k in loops] if model.structure else [list(range(model.num_steps))] * len(x)
+        steps = ([model.structure.steps_for(k) for k in loops] if model.structure
+                 else [list(range(model.num_steps))] * len(x))
         return Decision(model.head(h), steps, None, substeps)
 
     def keep_rows(self, rows: list[int]) -> None:

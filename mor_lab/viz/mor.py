@@ -145,8 +145,8 @@ class CapacityDashboard:
         alpha = model.router.config.alpha
         loops, loss = routed_view(model, ids)
         self.base_loss = loss
-        self.figure = go.FigureWidget(depth_over_text(texts, loops.tolist(), self.n, self._title(1.0, alpha, loops, loss),
-                                                      width))
+        self.figure = go.FigureWidget(depth_over_text(texts, loops.tolist(), self.n,
+                                                      self._title(1.0, alpha, loops, loss), width))
         self.summary = widgets.HTML()
         slider = dict(continuous_update=False, style={"description_width": "initial"},
                       layout=widgets.Layout(width="420px"))
