@@ -1,4 +1,4 @@
-"""The ``mor-lab`` command: ``generate`` text, run ``bench`` suites, open the ``lab``."""
+"""The ``mor-lab`` command: ``generate`` text, run ``bench`` suites, open the ``lab``, ``explore`` depth."""
 from __future__ import annotations
 
 import argparse
@@ -45,15 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--shallow-layer", type=int, default=None, help="early-exit: the exit's depth step count")
     bench.add_argument("--threshold", type=float, default=None, help="early-exit: the margin threshold")
 
-    lab = sub.add_parser("lab", help="open the notebooks in JupyterLab (other options go to JupyterLab)")
-    lab.add_argument("--dir", default=None, help="folder with the notebooks (default: ./notebooks)")
+    lab = sub.add_parser("lab", help="copy the notebooks into a folder and open JupyterLab there "
+                         "(other options go to JupyterLab)")
+    lab.add_argument("--dir", default=None, help="working folder for the notebooks (default: ./notebooks in a "
+                     "checkout's root, else ./mor-lab-notebooks)")
+    lab.add_argument("--force", action="store_true", help="overwrite notebooks you changed with the packaged ones")
+    lab.add_argument("--check", action="store_true", help="check the environment, print what to fix, and exit")
+    lab.add_argument("--no-open", action="store_true", help="copy the notebooks but do not start JupyterLab")
+
+    explore = sub.add_parser("explore", help="the depth explorer: a Voila app (prompt, plan, threshold -> depth "
+                             "per token, batch timeline, tokens/s); other options go to Voila")
+    explore.add_argument("--port", type=int, default=None)
+    explore.add_argument("--no-browser", action="store_true")
+    explore.add_argument("--notebook", default=None, help="serve this notebook instead of the packaged explorer")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "lab":
+    if extra and args.command not in ("lab", "explore"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         import mor_lab
@@ -81,14 +92,50 @@ def main(argv: list[str] | None = None) -> int:
         print(write_json(suite.run(**kwargs), args.json_path))
         return 0
     if args.command == "lab":
-        import subprocess
-        folder = Path(args.dir or "notebooks")
-        if not folder.is_dir():
-            print(f"mor-lab: no notebook folder at {folder.resolve()}; run from the repository root "
-                  "or pass --dir", file=sys.stderr)
-            return 2
-        return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *extra])
+        return _lab(args, extra)
+    if args.command == "explore":
+        return _explore(args, extra)
     return 1
+
+
+def _lab(args, extra) -> int:
+    import subprocess
+
+    from . import lab
+    if args.check:
+        return lab.run_check()
+    try:
+        source = lab.packaged_notebooks()
+    except FileNotFoundError as e:
+        print(f"mor-lab: {e}", file=sys.stderr)
+        return 2
+    folder = Path(args.dir) if args.dir else lab.default_lab_dir(source)
+    report = lab.copy_notebooks(source, folder, force=args.force)
+    for line in report.lines():
+        print(f"mor-lab: {line}")
+    if args.no_open:
+        return 0
+    return subprocess.call([sys.executable, "-m", "jupyterlab", str(folder), *extra])
+
+
+def _explore(args, extra) -> int:
+    import importlib.util
+    import os
+    import subprocess
+
+    from . import lab
+    if importlib.util.find_spec("voila") is None:
+        print("mor-lab: the explorer needs Voila: pip install voila  (or pip install 'mor-lab[lab]')", file=sys.stderr)
+        return 2
+    try:
+        notebook = Path(args.notebook) if args.notebook else lab.explorer_notebook()
+    except FileNotFoundError as e:
+        print(f"mor-lab: {e}", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return subprocess.call(lab.voila_command(notebook, args.port, args.no_browser, extra), env=env)
 
 
 if __name__ == "__main__":
