@@ -1,0 +1,237 @@
+"""The depth explorer: one prompt box, one plan picker, one knob; depth per token, batch timeline, tokens/s.
+
+``DepthExplorer().widget`` is the whole app (``mor-lab explore`` serves it with Voila from
+``notebooks/depth_explorer.ipynb``). Every plan is the library's own engine, nothing re-implemented:
+
+- ``full``: every token runs all 30 layers (``generate_ids`` with the default policy);
+- ``early exit (CALM)``: one trained exit after 20 layers, per-row exit with state propagation;
+- ``FREE``: the same exit, confident tokens defer their deep layers to a synchronized parallel pass;
+- ``recursive + CDB``: SmolLM2 cut to prelude + 4 loops of a shared 7-layer block + coda (not
+  uptrained, as in ``mor-lab bench cdb``: the text degrades, the schedule is real), continuous
+  depth-wise batching over 2 slots, a token leaves the loops when the logit lens is confident;
+- ``MoR``: the same cut with 3 recursions and an expert-choice router (untrained, decode thresholds
+  calibrated to the capacity), routed decoding under continuous depth-wise batching.
+
+The knob is the confidence threshold (margin of the top two probabilities) for the early-exit and
+recursive plans, and the capacity of the second recursion (the third gets its square) for MoR.
+Each prompt line is one request; with more requests than slots the CDB timeline shows refills.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import plotly.graph_objects as go
+
+from .engine.trace import Trace
+from .runtime import pick
+
+FULL, EARLY, FREE, RECURSIVE, MOR = "full", "early exit (CALM)", "FREE", "recursive + CDB", "MoR"
+PLANS = (FULL, EARLY, FREE, RECURSIVE, MOR)
+KNOBS = {FULL: None, EARLY: "confidence ≥", FREE: "confidence ≥", RECURSIVE: "confidence ≥", MOR: "capacity"}
+DEFAULT_PROMPTS = "What is a KV cache?\nWhy is the sky blue?\nName three prime numbers."
+EXIT_LAYER = 20  # the exit shared with notebooks 01, 02 and `mor-lab bench early-exit` (one cached training)
+CDB_SLOTS = 2
+
+
+@dataclass
+class ExploreRun:
+    plan: str
+    knob: float | None
+    prompts: list[str]
+    tokens: list[list[str]]  # generated tokens per prompt, as text
+    depths: list[list[int]]  # layers (depth steps) each generated token ran
+    max_depth: int  # depth steps of the plan at full depth
+    trace: Trace
+    seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(map(len, self.tokens))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_depth(self) -> float:
+        flat = [d for seq in self.depths for d in seq]
+        return sum(flat) / len(flat) if flat else 0.0
+
+
+class DepthLab:
+    """The models behind the explorer, built lazily (exit heads are trained once and cached)."""
+
+    def __init__(self, model=None, tokenizer=None, max_new_tokens: int | None = None):
+        if model is None:
+            from .models.hf import load_pretrained
+            model, tokenizer = load_pretrained()
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens = max_new_tokens or pick(quick=8, full=40)
+        self._heads = self._recursive = self._mor = None
+
+    # -- the pieces each plan needs ----------------------------------------------------------------
+    def heads(self):
+        if self._heads is None:
+            from .early_exit.recipes import pretrained_exit_heads
+            self._heads = pretrained_exit_heads(self.model, self.tokenizer, [EXIT_LAYER], progress=False)
+        return self._heads
+
+    def recursive(self):
+        if self._recursive is None:
+            from .bench.cdb import lower_init_recursive
+            from .engine.loops import LoopStructure
+            structure = LoopStructure.middle_cycle(self.model.num_steps, 4)
+            self._recursive = (lower_init_recursive(self.model, structure), structure)
+        return self._recursive
+
+    def mor(self, capacity: float):
+        import torch
+
+        from .mor.model import MoRConfig, MoRModel, calibrate_thresholds
+        if self._mor is None:
+            torch.manual_seed(0)
+            config = MoRConfig(self.model.config, kind="expert", num_recursions=3)
+            mor = MoRModel(config).to(device=self.model.device, dtype=self.model.dtype).eval()
+            st = mor.structure
+            keep = list(range(st.prelude + st.block)) + list(range(self.model.config.num_layers - st.coda,
+                                                                    self.model.config.num_layers))
+            state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("layers.")}
+            for new, old in enumerate(keep):
+                state.update({f"layers.{new}.{k}": v for k, v in self.model.layers[old].state_dict().items()})
+            missing, unexpected = mor.load_state_dict(state, strict=False)
+            if unexpected or any(not k.startswith("router.") for k in missing):
+                raise RuntimeError(f"MoR conversion: missing {missing}, unexpected {unexpected}")
+            text = "The quick brown fox jumps over the lazy dog. " * 8
+            self._calibration = torch.tensor([self.tokenizer.encode(text)[:64]], device=self.model.device)
+            self._mor, self._mor_capacity = mor, None
+        if self._mor_capacity != capacity:
+            self._mor.router.config.capacity = [1.0, capacity, capacity * capacity]
+            calibrate_thresholds(self._mor, self._calibration)
+            self._mor_capacity = capacity
+        return self._mor
+
+    # -- one run -----------------------------------------------------------------------------------
+    def run(self, prompts: list[str], plan: str, knob: float | None = None) -> ExploreRun:
+        from .engine.cdb import cdb_generate
+        from .engine.generate import encode_prompts, generate_ids
+        from .engine.loops import ConfidenceLoops
+        from .engine.policy import DepthPolicy
+
+        prompts = [p.strip() for p in prompts if p.strip()] or ["Hello!"]
+        if plan not in PLANS:
+            raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+        ids = encode_prompts(self.tokenizer, prompts, chat=True)
+        eos = list(self.model.config.eos_token_ids)
+        n, threshold = self.max_new_tokens, 0.5 if knob is None else float(knob)
+        if plan in (FULL, EARLY, FREE):
+            if plan == FULL:
+                policy = DepthPolicy()
+            elif plan == EARLY:
+                from .early_exit.decoding import CalmExit
+                policy = CalmExit(threshold, [EXIT_LAYER], measure="margin", per_row=True, heads=self.heads())
+            else:
+                from .early_exit.free import FreeDecoding
+                policy = FreeDecoding(EXIT_LAYER, threshold, self.heads())
+            start = time.perf_counter()
+            out, trace = generate_ids(self.model, ids, n, eos_token_ids=eos, policy=policy)
+            max_depth = self.model.num_steps
+        elif plan == RECURSIVE:
+            model, structure = self.recursive()
+            start = time.perf_counter()
+            out, trace = cdb_generate(model, structure, ids, n, CDB_SLOTS, ConfidenceLoops(threshold),
+                                      eos_token_ids=eos)
+            max_depth = structure.num_steps
+        else:
+            from .mor.model import RoutedExit
+            model = self.mor(0.5 if knob is None else float(knob))
+            start = time.perf_counter()
+            out, trace = cdb_generate(model, model.structure, ids, n, CDB_SLOTS, RoutedExit(), eos_token_ids=eos)
+            max_depth = model.num_steps
+        seconds = time.perf_counter() - start
+        tokens = [[self.tokenizer.decode([t]) for t in seq] for seq in out]
+        depths = [[tt.num_steps for tt in seq] for seq in trace.tokens]
+        return ExploreRun(plan, knob, prompts, tokens, depths, max_depth, trace, seconds)
+
+
+# -------------------------------------------------------------------------------------------------
+# Figures and the app
+def depth_figure(run: ExploreRun, width: int = 72) -> go.Figure:
+    from .viz.tokens import text_heatmap
+    names = [p if len(p) <= 18 else p[:17] + "…" for p in run.prompts]
+    knob = "" if run.knob is None else f", {KNOBS[run.plan]} {run.knob:.2f}"
+    return text_heatmap(run.tokens, run.depths, value_name="layers run", units=f"of {run.max_depth}",
+                        title=f"{run.plan}{knob}: {run.mean_depth:.1f} of {run.max_depth} layers per token on average",
+                        colorscale="Viridis", zmin=1, zmax=run.max_depth, fmt=".0f", width=width,
+                        sequence_names=names)
+
+
+def timeline_figure(run: ExploreRun) -> go.Figure:
+    from .viz.timeline import utilization_timeline
+    fig = utilization_timeline(run.trace)
+    fig.update_layout(width=None, autosize=True)
+    return fig
+
+
+def summary_html(run: ExploreRun) -> str:
+    return (f"<b>{run.tokens_per_s:.1f} tokens/s</b> ({run.new_tokens} tokens in {run.seconds:.2f} s, "
+            f"{len(run.prompts)} request(s)) · <b>{run.mean_depth:.1f}</b> of {run.max_depth} layers per token · "
+            f"batch utilization <b>{run.trace.utilization():.0%}</b>")
+
+
+def _replace(widget: go.FigureWidget, fig: go.Figure) -> None:
+    with widget.batch_update():
+        widget.data = []
+        widget.add_traces(list(fig.data))
+        widget.layout = fig.layout
+
+
+class DepthExplorer:
+    """The app: prompts (one per line), a plan, a knob; figures and the summary update on every change."""
+
+    def __init__(self, lab: DepthLab | None = None, prompts: str = DEFAULT_PROMPTS, plan: str = FULL,
+                 knob: float = 0.5):
+        import ipywidgets as w
+
+        self.lab = lab or DepthLab()
+        self.prompt = w.Textarea(value=prompts, description="prompts", placeholder="one prompt per line",
+                                 continuous_update=False, layout=w.Layout(width="640px", height="90px"))
+        self.plan = w.Dropdown(options=PLANS, value=plan, description="plan")
+        self.knob = w.FloatSlider(value=knob, min=0.05, max=1.0, step=0.05, readout_format=".2f",
+                                  description="confidence ≥", continuous_update=False,
+                                  style={"description_width": "initial"}, layout=w.Layout(width="420px"))
+        self.status = w.HTML()
+        self.summary = w.HTML()
+        self.depth = go.FigureWidget()
+        self.timeline = go.FigureWidget()
+        for control in (self.prompt, self.plan, self.knob):
+            control.observe(lambda _change: self.update(), names="value")
+        self.widget = w.VBox([w.HTML("<h2>mor_lab depth explorer</h2><p>Type prompts (one request per line), "
+                                     "pick a depth plan and move the threshold or capacity: the colors show how "
+                                     "many layers each generated token ran; below, what every batch slot did at "
+                                     "every engine step.</p>"),
+                              self.prompt, w.HBox([self.plan, self.knob]), self.status, self.summary,
+                              self.depth, self.timeline])
+        self.last: ExploreRun | None = None
+        self.update()
+
+    def update(self) -> ExploreRun | None:
+        plan = self.plan.value
+        label = KNOBS[plan]
+        self.knob.disabled = label is None
+        self.knob.description = label or "(no knob)"
+        self.status.value = f"<i>running {plan}…</i>"
+        try:
+            run = self.lab.run(self.prompt.value.splitlines(), plan, None if label is None else self.knob.value)
+        except Exception as e:  # shown in the app, not swallowed: the user sees what went wrong
+            self.status.value = f"<b style='color:#D55E00'>{type(e).__name__}: {e}</b>"
+            raise
+        _replace(self.depth, depth_figure(run))
+        _replace(self.timeline, timeline_figure(run))
+        self.summary.value = summary_html(run)
+        self.status.value = ""
+        self.last = run
+        return run
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
