@@ -63,3 +63,22 @@ def test_bench_cdb_reports_every_method_with_loops_and_utilization(tiny_checkpoi
     assert rows["recursive_cdb"]["utilization_queue_nonempty"] == 1.0  # refilled slots never idle
     cdb = rows["recursive_cdb"]
     assert 1 < cdb["compute_ideal_speedup"] < cdb["ideal_speedup"]  # prelude, coda and head do not shrink
+
+
+@pytest.mark.smollm2
+def test_bench_early_exit_rows_have_speed_quality_flops_and_corpus_perplexity(tmp_path):
+    out = tmp_path / "early-exit.json"
+    assert main(["bench", "early-exit", "--quick", "--batch-sizes", "2", "--max-new-tokens", "4",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["results"]}
+    assert set(rows) == {"full", "static", "calm", "calm_per_row", "free", "free_adaptive"}
+    full = rows["full"]
+    assert full["agreement"] == 1.0 and full["mean_layers"] == report["num_layers"]
+    for method, r in rows.items():
+        assert r["tokens_per_s"] > 0 and r["corpus_ppl"] > 1 and r["gflops_per_token"] > 0
+        if method != "full":
+            assert r["mean_layers"] <= full["mean_layers"] and 0 <= r["agreement"] <= 1
+    assert rows["static"]["gflops_per_token"] < full["gflops_per_token"]  # 20 of 30 layers
+    assert rows["static"]["corpus_ppl"] > full["corpus_ppl"]  # exiting early every token costs quality
+    assert {"free", "calm"} <= set(report["pareto"])

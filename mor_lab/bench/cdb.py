@@ -20,13 +20,12 @@ import time
 import torch
 
 from ..engine.cdb import cdb_generate
-from ..engine.generate import generate_ids
-from ..engine.loops import ConfidenceLoops, FixedLoops, LoopedExit, LoopStructure
+from ..engine.loops import ConfidenceLoops, FixedLoops, LoopStructure, static_generate
 from ..early_exit.evaluate import flops_per_token
 from ..engine.trace import Trace
 from ..models.decoder import Decoder
-from ..models.hf import load_pretrained, resolve
-from .common import environment
+from ..models.hf import load_pretrained
+from .common import environment, hf_reference
 from .generate import _hf_generate, bench_prompts
 
 EXIT_PROBS = [0.4, 0.3, 0.2, 0.1]
@@ -64,35 +63,22 @@ def _timed(fn):
 
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32), max_new_tokens: int | None = None,
         device: str | None = None, threshold: float = 0.5) -> dict:
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_new_tokens = max_new_tokens or (32 if quick else 64)
     model, tokenizer = load_pretrained(model_name, device=device)
     structure = LoopStructure.middle_cycle(model.num_steps, 4)
     recursive = lower_init_recursive(model, structure)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(resolve(model_name)), dtype=torch.float32).to(device).eval()
-    hf_model.generation_config.eos_token_id = None
+    hf_model = hf_reference(model_name, device)
     fixed, conf = FixedLoops(EXIT_PROBS, seed=0), ConfidenceLoops(threshold)
-
-    def static(m, prompts, rule=None, slots=None):
-        ids, trace = [], Trace(num_steps=m.num_steps)
-        for i in range(0, len(prompts), slots):  # static batching: the next batch starts when this one ends
-            policy = None if rule is None else LoopedExit(structure, rule, first_request=i)
-            out, part = generate_ids(m, prompts[i:i + slots], max_new_tokens, eos_token_ids=[], policy=policy)
-            ids += out
-            trace.tokens += part.tokens
-            trace.engine_steps += part.engine_steps
-        return ids, trace
 
     methods = {
         "hf": lambda p, b: ([row for i in range(0, len(p), b)
                              for row in _hf_generate(hf_model, p[i:i + b], max_new_tokens, 0)], None),
-        "original": lambda p, b: static(model, p, slots=b),
-        "recursive_full": lambda p, b: static(recursive, p, slots=b),
-        "recursive_static_exit": lambda p, b: static(recursive, p, fixed, b),
+        "original": lambda p, b: static_generate(model, structure, p, max_new_tokens, b),
+        "recursive_full": lambda p, b: static_generate(recursive, structure, p, max_new_tokens, b),
+        "recursive_static_exit": lambda p, b: static_generate(recursive, structure, p, max_new_tokens, b, fixed),
         "recursive_cdb": lambda p, b: cdb_generate(recursive, structure, p, max_new_tokens, b, fixed),
-        "recursive_static_exit_conf": lambda p, b: static(recursive, p, conf, b),
+        "recursive_static_exit_conf": lambda p, b: static_generate(recursive, structure, p, max_new_tokens, b, conf),
         "recursive_cdb_conf": lambda p, b: cdb_generate(recursive, structure, p, max_new_tokens, b, conf),
     }
     cdb_generate(recursive, structure, bench_prompts(tokenizer, 2, model.config.vocab_size), 2, 2, fixed)  # warm-up

@@ -108,3 +108,22 @@ def write_json(report: dict, path: str | Path | None) -> str:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(text + "\n")
     return text
+
+
+def hf_reference(model_name, device: torch.device):
+    """The same checkpoint through Hugging Face transformers (the ``hf`` rows), loaded without progress
+    bars, EOS disabled so that every engine produces exactly ``max_new_tokens``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    from ..models.hf import resolve
+
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(resolve(model_name)), dtype=torch.float32)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
+    model.generation_config.eos_token_id = None
+    return model.to(device).eval()

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 
 from ..early_exit.decoding import CalmExit, StaticExit
-from ..early_exit.evaluate import (agreement, forced_agreement, generated_perplexity, pareto_front,
-                                   run_policy)
+from ..early_exit.evaluate import (agreement, flops_per_token, forced_agreement, generated_perplexity,
+                                   pareto_front, run_policy, teacher_forced_perplexity)
 from ..early_exit.free import FreeDecoding
 from ..early_exit.recipes import pretrained_exit_heads
 from ..early_exit.threshold import AdaptiveThreshold
 from ..engine.generate import encode_prompts
 from ..engine.policy import DepthPolicy
 from ..models.hf import load_pretrained
+from ..train.data import load_corpus, tokenize
 from .common import environment
 
 CHAT_PROMPTS = [
@@ -51,6 +52,25 @@ def make_policy(method: str, shallow_layer: int, threshold: float, heads):
 METHODS = ("full", "static", "calm", "calm_per_row", "free", "free_adaptive")
 
 
+def corpus_blocks(tokenizer, count: int, prompt: int = 32, continuation: int = 64):
+    """``count`` held-out pydoc blocks as (prompt ids, continuation ids) for teacher-forced perplexity."""
+    ids = tokenize(tokenizer, load_corpus("pydoc").validation)
+    size = prompt + continuation
+    blocks = [ids[i * size:(i + 1) * size].tolist() for i in range(count)]
+    return [b[:prompt] for b in blocks], [b[prompt:] for b in blocks]
+
+
+def estimated_flops(model, method: str, mean_layers: float, shallow_layer: int, context: float) -> float:
+    """GFLOPs per token: executed layers + LM-head calls (a confidence test at the exit costs one more head
+    call for the tokens that continue; FREE's deferred deep pass re-scores them) + state propagation."""
+    if method in ("full", "static"):
+        head_calls = 1.0
+    else:
+        exited = (model.num_steps - mean_layers) / max(1, model.num_steps - shallow_layer)
+        head_calls = 2.0 - exited
+    return flops_per_token(model, mean_layers, int(context), head_calls) / 1e9
+
+
 def _measure(model, prompt_ids, method, shallow_layer, threshold, heads, max_new_tokens, batch_size):
     """Run ``prompt_ids`` in batches of ``batch_size``; returns (token ids, seconds, mean layers)."""
     ids, seconds, layers = [], 0.0, []
@@ -73,6 +93,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
     heads = pretrained_exit_heads(model, tokenizer, [shallow_layer], progress=False,
                                   tokens=2048 if quick else None, steps=40 if quick else None)
     prompt_ids = encode_prompts(tokenizer, CHAT_PROMPTS, chat=True)
+    corpus_prompts, corpus_targets = corpus_blocks(tokenizer, 2 if quick else 8, continuation=32 if quick else 64)
     run_policy(model, prompt_ids[:2], DepthPolicy(), 2)  # warm-up
 
     results = []
@@ -92,16 +113,23 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
                    "tokens_per_s": round(tokens / seconds, 2), "speedup": round(full_seconds / seconds, 3),
                    "mean_layers": round(layers, 2), "agreement": round(agreement(ids, reference), 3),
                    "prompts": len(prompts), "new_tokens": tokens}
+            context = sum(map(len, prompts)) / len(prompts) + max_new_tokens / 2
+            row["gflops_per_token"] = round(estimated_flops(model, method, layers, shallow_layer, context), 4)
             if method != "full" and batch_size == batch_sizes[-1]:
                 policy = make_policy(method, shallow_layer, threshold, heads)
                 row["forced_agreement"] = round(forced_agreement(model, prompts, reference, policy), 3)
                 row["generated_ppl_under_full"] = round(generated_perplexity(model, prompts, ids), 3)
+            if batch_size == batch_sizes[-1]:  # teacher-forced perplexity of the strategy on held-out text
+                policy = make_policy(method, shallow_layer, threshold, heads)
+                row["corpus_ppl"] = round(teacher_forced_perplexity(model, corpus_prompts, corpus_targets, policy), 3)
             results.append(row)
 
     frontier = threshold_sweep(model, prompt_ids[:2 if quick else 4], shallow_layer, heads, max_new_tokens, sweep)
     return {"suite": "early-exit", "model": str(model_name or "SmolLM2-135M-Instruct (offline)"),
             "quick": quick, "shallow_layer": shallow_layer, "num_layers": model.num_steps,
-            "confidence": "margin", "max_new_tokens": max_new_tokens, "environment": environment(device),
+            "confidence": "margin", "max_new_tokens": max_new_tokens,
+            "corpus_ppl": f"teacher-forced on {len(corpus_prompts)} held-out pydoc blocks "
+                          f"({len(corpus_prompts[0])} + {len(corpus_targets[0])} tokens)", "environment": environment(device),
             "results": results, "pareto": frontier}
 
 

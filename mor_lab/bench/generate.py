@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..engine.generate import generate_ids
-from ..models.hf import load_pretrained, resolve
-from .common import PeakMemory, environment, machine_peaks, timer
+from ..models.hf import load_pretrained
+from .common import PeakMemory, environment, hf_reference, machine_peaks, timer
 
 
 def bench_prompts(tokenizer, count: int, vocab_size: int, seed: int = 0, words: tuple[int, int] = (8, 60)
@@ -60,14 +60,10 @@ def _hf_generate(hf_model, prompts, max_new_tokens, pad_id):
 
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 32),
         max_new_tokens: int | None = None, device: str | None = None) -> dict:
-    from transformers import AutoModelForCausalLM
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_new_tokens = max_new_tokens or (16 if quick else 64)
     model, tokenizer = load_pretrained(model_name, device=device)
-    source = resolve(model_name)
-    hf_model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).to(device).eval()
-    hf_model.generation_config.eos_token_id = None  # both engines produce exactly max_new_tokens
+    hf_model = hf_reference(model_name, device)
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
     prompts = bench_prompts(tokenizer, max(batch_sizes), model.config.vocab_size)
     peaks = machine_peaks(device, quick)

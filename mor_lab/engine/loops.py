@@ -160,3 +160,22 @@ class LoopedExit(DepthPolicy):
             if not active.any():
                 break
         return Decision(logits, [st.steps_for(k) for k in loops_of], None, substeps)
+
+
+def static_generate(model, structure: LoopStructure, prompt_ids: list[list[int]], max_new_tokens: int, slots: int,
+                    rule=None, eos_token_ids=()):
+    """Static batching, the baseline of continuous depth-wise batching: requests in groups of ``slots``;
+    a group starts when the previous one has finished, and every decode step waits for its slowest row
+    (``rule=None``: full depth, no exits). Same signature and return as ``cdb_generate``: (ids, Trace)."""
+    from .generate import generate_ids
+    from .trace import Trace
+
+    ids, trace = [], Trace(num_steps=model.num_steps)
+    for first in range(0, len(prompt_ids), slots):
+        policy = None if rule is None else LoopedExit(structure, rule, first_request=first)
+        out, part = generate_ids(model, prompt_ids[first:first + slots], max_new_tokens,
+                                 eos_token_ids=list(eos_token_ids), policy=policy)
+        ids += out
+        trace.tokens += part.tokens
+        trace.engine_steps += part.engine_steps
+    return ids, trace

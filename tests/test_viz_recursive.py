@@ -1,0 +1,57 @@
+"""Figures and the scheduler dashboard of notebooks 03 and 04."""
+import torch
+
+from mor_lab import Decoder
+from mor_lab.engine.loops import LoopStructure
+from mor_lab.models.config import ModelConfig
+from mor_lab.recursive import STRATEGIES, SharingPlan
+from mor_lab.viz.recursive import perplexity_figure, sharing_figure
+from mor_lab.viz.scheduler import DISTRIBUTIONS, SchedulerDashboard, loop_steps
+
+
+def test_sharing_figure_draws_every_step_at_its_physical_layer_colored_by_loop():
+    plans = [SharingPlan.build(7, 2, s) for s in STRATEGIES]
+    fig = sharing_figure(plans)
+    assert len(fig.data) == len(plans)
+    for heatmap, plan in zip(fig.data, plans):
+        z = heatmap.z
+        assert len(z) == plan.num_physical_layers and len(z[0]) == plan.num_steps
+        for s in plan.steps:
+            assert z[s.layer][s.step] == (0 if s.loop is None else s.loop + 1)
+        assert sum(v is not None for row in z for v in row) == plan.num_steps  # one layer per step
+
+
+def test_perplexity_figure_groups_series_and_marks_the_original():
+    rows = [{"init": i, "strategy": s, "ppl": 10.0 + k} for k, (s, i) in
+            enumerate([("cycle", "lower"), ("cycle", "upper"), ("sequence", "lower")])]
+    fig = perplexity_figure(rows, x="init", group="strategy", baseline=9.0, title="t", x_title="init")
+    assert [t.name for t in fig.data] == ["cycle", "sequence"]
+    assert fig.layout.shapes[0].y0 == 9.0
+
+
+def _tiny():
+    structure = LoopStructure(prelude=1, block=1, loops=4, coda=1)
+    config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2,
+                         num_kv_heads=1)
+    torch.manual_seed(0)
+    return Decoder(config, structure.plan()).eval(), structure
+
+
+def test_scheduler_dashboard_reruns_both_schedulers_when_the_controls_move():
+    model, structure = _tiny()
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14]]
+    board = SchedulerDashboard(model, structure, prompts, max_new_tokens=3, slots=2)
+    (static_ids, static_trace), (cdb_ids, cdb_trace) = board.runs.values()
+    assert static_ids == cdb_ids  # same exit decisions: same tokens
+    assert loop_steps(cdb_trace) < loop_steps(static_trace)  # refilled slots: fewer passes of the block
+    def drawn():
+        return [[(t.name, tuple(t.base), tuple(t.y)) for t in f.data] for f in board.figures.values()]
+
+    before = drawn()
+    board.distribution.value = "never exit early"
+    (_, static_trace), (_, cdb_trace) = board.runs.values()
+    assert loop_steps(cdb_trace) == loop_steps(static_trace) == 4 * (3 - 1) * 3  # nothing to gain
+    assert drawn() != before
+    board.step.value = 2
+    assert all(tuple(f.layout.xaxis.range) == (-0.5, 2.5) for f in board.figures.values())
+    assert set(DISTRIBUTIONS) >= {"never exit early"}
