@@ -180,3 +180,15 @@ class CapacityDashboard:
         bundle = static_bundle(self.figure, f"<p>{self.summary.value}</p>")
         bundle.update(self.widget._repr_mimebundle_(**kwargs))
         return bundle
+
+
+def table(rows: list[dict], columns: list[str] | None = None):
+    """Rows of dicts as an HTML table (notebooks; no pandas needed)."""
+    import html
+
+    from IPython.display import HTML
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns) + "</tr>"
+                   for row in rows)
+    return HTML(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
