@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-new-tokens", type=int, default=None)
     bench.add_argument("--device", default=None)
     bench.add_argument("--shallow-layer", type=int, default=None, help="early-exit: the exit's depth step count")
-    bench.add_argument("--threshold", type=float, default=None, help="early-exit: the margin threshold")
+    bench.add_argument("--threshold", type=float, default=None, help="early-exit: the confidence threshold")
+    bench.add_argument("--measure", choices=("margin", "softmax", "meta"), default=None,
+                       help="early-exit: the confidence measure (meta: the trained classifier; no LM head to test)")
 
     lab = sub.add_parser("lab", help="copy the notebooks into a folder and open JupyterLab there "
                          "(other options go to JupyterLab)")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         suite = importlib.import_module(SUITES[args.suite])
         kwargs = {"model_name": args.model, "quick": args.quick, "device": args.device,
                   "max_new_tokens": args.max_new_tokens}
-        for name in ("batch_sizes", "shallow_layer", "threshold"):
+        for name in ("batch_sizes", "shallow_layer", "threshold", "measure"):
             if getattr(args, name, None) is not None:
                 kwargs[name] = getattr(args, name)
         print(write_json(suite.run(**kwargs), args.json_path))

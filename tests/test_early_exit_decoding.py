@@ -147,3 +147,28 @@ def test_without_state_propagation_the_cache_has_holes_and_outputs_change(model)
     fixed, _ = run(model, PROMPTS, CalmExit(0.1, [2, 4], measure="margin", per_row=True))
     holes, _ = run(model, PROMPTS, CalmExit(0.1, [2, 4], measure="margin", per_row=True, propagate_state=False))
     assert holes != fixed  # later tokens read zeros where skipped layers' KV should be
+
+
+@pytest.fixture(scope="module")
+def meta_heads(model):
+    """Exit heads whose meta classifiers score hidden states randomly (some tokens confident, some not)."""
+    from mor_lab.early_exit.heads import ExitConfig, ExitHeads
+
+    heads = ExitHeads.for_model(model, ExitConfig(exit_layers=[2, 4], measure="meta"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for classifier in heads.meta.values():
+            classifier.linear.weight.normal_(0, 1.0)
+    return heads.eval()
+
+
+@pytest.mark.parametrize("make", [lambda h, t: FreeDecoding(2, t, h, measure="meta"),
+                                  lambda h, t: CalmExit(t, [2, 4], measure="meta", per_row=True, heads=h)])
+def test_meta_measure_skips_the_exit_head_yet_decodes_exactly(model, meta_heads, make):
+    """With a hidden-state measure the exit's LM head runs only for tokens that leave; outputs stay exact:
+    'never exit' equals the full model, and any threshold gives the same tokens batched as alone."""
+    full, _ = run(model, PROMPTS, None)
+    assert run(model, PROMPTS, make(meta_heads, NEVER))[0] == full
+    batched, trace = run(model, PROMPTS, make(meta_heads, 0.5))
+    assert 2 < trace.mean_steps_per_token() < 6
+    assert batched == [run(model, [p], make(meta_heads, 0.5))[0][0] for p in PROMPTS]

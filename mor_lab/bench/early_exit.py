@@ -34,18 +34,18 @@ CHAT_PROMPTS = [
 ]
 
 
-def make_policy(method: str, shallow_layer: int, threshold: float, heads):
+def make_policy(method: str, shallow_layer: int, threshold: float, heads, measure: str = "margin"):
     if method == "full":
         return DepthPolicy()
     if method == "static":
         return StaticExit(shallow_layer, heads)
     if method in ("calm", "calm_per_row"):
-        return CalmExit(threshold, [shallow_layer], measure="margin", per_row=method == "calm_per_row",
+        return CalmExit(threshold, [shallow_layer], measure=measure, per_row=method == "calm_per_row",
                         heads=heads)
     if method == "free":
-        return FreeDecoding(shallow_layer, threshold, heads)
+        return FreeDecoding(shallow_layer, threshold, heads, measure=measure)
     if method == "free_adaptive":
-        return FreeDecoding(shallow_layer, AdaptiveThreshold(), heads)
+        return FreeDecoding(shallow_layer, AdaptiveThreshold(), heads, measure=measure)
     raise ValueError(f"unknown early-exit method {method!r}")
 
 
@@ -60,10 +60,11 @@ def corpus_blocks(tokenizer, count: int, prompt: int = 32, continuation: int = 6
     return [b[:prompt] for b in blocks], [b[prompt:] for b in blocks]
 
 
-def estimated_flops(model, method: str, mean_layers: float, shallow_layer: int, context: float) -> float:
-    """GFLOPs per token: executed layers + LM-head calls (a confidence test at the exit costs one more head
-    call for the tokens that continue; FREE's deferred deep pass re-scores them) + state propagation."""
-    if method in ("full", "static"):
+def estimated_flops(model, method: str, mean_layers: float, shallow_layer: int, context: float,
+                    measure: str = "margin") -> float:
+    """GFLOPs per token: executed layers + LM-head calls (a logit-based confidence test at the exit costs
+    one more head call for the tokens that continue; the meta classifier does not) + state propagation."""
+    if method in ("full", "static") or measure not in ("softmax", "margin"):
         head_calls = 1.0
     else:
         exited = (model.num_steps - mean_layers) / max(1, model.num_steps - shallow_layer)
@@ -71,12 +72,13 @@ def estimated_flops(model, method: str, mean_layers: float, shallow_layer: int, 
     return flops_per_token(model, mean_layers, int(context), head_calls) / 1e9
 
 
-def _measure(model, prompt_ids, method, shallow_layer, threshold, heads, max_new_tokens, batch_size):
+def _measure(model, prompt_ids, method, shallow_layer, threshold, heads, max_new_tokens, batch_size,
+             measure="margin"):
     """Run ``prompt_ids`` in batches of ``batch_size``; returns (token ids, seconds, mean layers)."""
     ids, seconds, layers = [], 0.0, []
     for i in range(0, len(prompt_ids), batch_size):
-        run = run_policy(model, prompt_ids[i:i + batch_size], make_policy(method, shallow_layer, threshold, heads),
-                         max_new_tokens)
+        policy = make_policy(method, shallow_layer, threshold, heads, measure)
+        run = run_policy(model, prompt_ids[i:i + batch_size], policy, max_new_tokens)
         ids += run.token_ids
         seconds += run.seconds
         layers.append(run.mean_layers)
@@ -85,7 +87,7 @@ def _measure(model, prompt_ids, method, shallow_layer, threshold, heads, max_new
 
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), max_new_tokens: int | None = None,
         device: str | None = None, shallow_layer: int | None = None, threshold: float = 0.5,
-        sweep=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:
+        sweep=(0.1, 0.3, 0.5, 0.7, 0.9), measure: str = "margin") -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_new_tokens = max_new_tokens or (16 if quick else 48)
     model, tokenizer = load_pretrained(model_name, device=device)
@@ -106,7 +108,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
                 ids, seconds, layers = reference, full_seconds, float(model.num_steps)
             else:
                 ids, seconds, layers = _measure(model, prompts, method, shallow_layer, threshold, heads,
-                                                max_new_tokens, batch_size)
+                                                max_new_tokens, batch_size, measure)
             tokens = sum(map(len, ids))
             row = {"method": method, "batch_size": batch_size, "threshold": None if method in ("full", "static")
                    else ("adaptive" if method == "free_adaptive" else threshold),
@@ -114,33 +116,35 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
                    "mean_layers": round(layers, 2), "agreement": round(agreement(ids, reference), 3),
                    "prompts": len(prompts), "new_tokens": tokens}
             context = sum(map(len, prompts)) / len(prompts) + max_new_tokens / 2
-            row["gflops_per_token"] = round(estimated_flops(model, method, layers, shallow_layer, context), 4)
+            row["gflops_per_token"] = round(estimated_flops(model, method, layers, shallow_layer, context, measure), 4)
             if method != "full" and batch_size == batch_sizes[-1]:
-                policy = make_policy(method, shallow_layer, threshold, heads)
+                policy = make_policy(method, shallow_layer, threshold, heads, measure)
                 row["forced_agreement"] = round(forced_agreement(model, prompts, reference, policy), 3)
                 row["generated_ppl_under_full"] = round(generated_perplexity(model, prompts, ids), 3)
             if batch_size == batch_sizes[-1]:  # teacher-forced perplexity of the strategy on held-out text
-                policy = make_policy(method, shallow_layer, threshold, heads)
+                policy = make_policy(method, shallow_layer, threshold, heads, measure)
                 row["corpus_ppl"] = round(teacher_forced_perplexity(model, corpus_prompts, corpus_targets, policy), 3)
             results.append(row)
 
-    frontier = threshold_sweep(model, prompt_ids[:2 if quick else 4], shallow_layer, heads, max_new_tokens, sweep)
+    frontier = threshold_sweep(model, prompt_ids[:2 if quick else 4], shallow_layer, heads, max_new_tokens, sweep,
+                               measure)
     return {"suite": "early-exit", "model": str(model_name or "SmolLM2-135M-Instruct (offline)"),
             "quick": quick, "shallow_layer": shallow_layer, "num_layers": model.num_steps,
-            "confidence": "margin", "max_new_tokens": max_new_tokens,
+            "confidence": measure, "max_new_tokens": max_new_tokens,
             "corpus_ppl": f"teacher-forced on {len(corpus_prompts)} held-out pydoc blocks "
-                          f"({len(corpus_prompts[0])} + {len(corpus_targets[0])} tokens)", "environment": environment(device),
-            "results": results, "pareto": frontier}
+                          f"({len(corpus_prompts[0])} + {len(corpus_targets[0])} tokens)",
+            "environment": environment(device), "results": results, "pareto": frontier}
 
 
-def threshold_sweep(model, prompt_ids, shallow_layer, heads, max_new_tokens, thresholds) -> dict:
+def threshold_sweep(model, prompt_ids, shallow_layer, heads, max_new_tokens, thresholds, measure="margin") -> dict:
     """Speed/quality points at batch 1 for FREE and CALM over thresholds, and each method's Pareto front."""
     reference, full_seconds, _ = _measure(model, prompt_ids, "full", shallow_layer, 0.0, heads, max_new_tokens, 1)
     out = {}
     for method in ("free", "calm"):
         points = []
         for tau in thresholds:
-            ids, seconds, layers = _measure(model, prompt_ids, method, shallow_layer, tau, heads, max_new_tokens, 1)
+            ids, seconds, layers = _measure(model, prompt_ids, method, shallow_layer, tau, heads, max_new_tokens, 1,
+                                            measure)
             points.append({"threshold": tau, "speedup": round(full_seconds / seconds, 3),
                            "agreement": round(agreement(ids, reference), 3), "mean_layers": round(layers, 2)})
         front = pareto_front([(p["speedup"], p["agreement"]) for p in points])

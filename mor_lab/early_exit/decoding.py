@@ -30,6 +30,16 @@ def _classifier(heads, exit_layer: int):
     return None if heads is None else heads.meta[str(exit_layer)]
 
 
+def exit_confidence(model, heads, h: torch.Tensor, exit_layer: int, measure: str, prev_hidden=None):
+    """(confidence, exit logits or None). The logits are computed only when the measure reads them
+    (softmax, margin): with a hidden-state measure (meta, state) tokens that continue never pay for the
+    LM head at the exit, which on a small model costs as much as several layers."""
+    if measure in ("softmax", "margin"):
+        logits = exit_logits(model, heads, h, exit_layer)
+        return confidence(measure, logits=logits), logits
+    return confidence(measure, hidden=h, prev_hidden=prev_hidden, classifier=_classifier(heads, exit_layer)), None
+
+
 class StaticExit(DepthPolicy):
     """Every token exits after ``exit_layer`` steps; the deeper KV comes from state propagation."""
 
@@ -94,15 +104,13 @@ class CalmExit(DepthPolicy):
             if e == L:
                 logits[rows] = model.head(h)
                 break
-            lg = exit_logits(model, self.heads, h, e)
-            conf = confidence(self.measure, logits=lg, hidden=h, prev_hidden=prev,
-                              classifier=_classifier(self.heads, e))
+            conf, lg = exit_confidence(model, self.heads, h, e, self.measure, prev)
             ok = conf >= tau
             if not self.per_row:
                 ok = ok.all().expand_as(ok)
             if ok.any():
                 leaving = rows[ok]
-                logits[leaving] = lg[ok]
+                logits[leaving] = lg[ok] if lg is not None else exit_logits(model, self.heads, h[ok], e)
                 for r in leaving.tolist():
                     exit_at[r] = e
                 gone = torch.zeros_like(active)

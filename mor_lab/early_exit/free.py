@@ -21,8 +21,7 @@ import torch
 from ..engine.policy import Decision, DepthPolicy, SubStep, run_steps
 from ..engine.trace import IDLE
 from ..models.cache import Chunk
-from .confidence import confidence
-from .decoding import exit_logits
+from .decoding import exit_confidence, exit_logits
 from .threshold import AdaptiveThreshold
 
 
@@ -30,8 +29,11 @@ class FreeDecoding(DepthPolicy):
     """``threshold``: a fixed margin threshold, or an ``AdaptiveThreshold`` fitted online."""
 
     def __init__(self, shallow_layer: int, threshold: float | AdaptiveThreshold = 0.9, heads=None,
-                 measure: str = "margin"):
+                 measure: str = "margin", calibrate: bool = False):
+        """``calibrate``: collect the calibration pairs (``self.pairs``) with a fixed threshold too; it costs
+        one more LM-head call per deferred token (the adaptive threshold always collects them)."""
         self.shallow_layer, self.heads, self.measure = shallow_layer, heads, measure
+        self.calibrate = calibrate or isinstance(threshold, AdaptiveThreshold)
         self.adaptive = threshold if isinstance(threshold, AdaptiveThreshold) else None
         self.fixed = None if self.adaptive else float(threshold)
         self.name = "free_adaptive" if self.adaptive else "free"
@@ -58,20 +60,21 @@ class FreeDecoding(DepthPolicy):
         model, ls, L, n = self.model, self.shallow_layer, self.model.num_steps, len(x)
         chunk = Chunk.decode(lengths)
         h, _ = run_steps(model, x, range(ls), cache, chunk)
-        logits = exit_logits(model, self.heads, h, ls)
-        conf = confidence(self.measure, logits=logits, hidden=h)
+        conf, shallow = exit_confidence(model, self.heads, h, ls, self.measure)
         confident = (conf > self.threshold).tolist()
+        sure = [r for r in range(n) if confident[r]]
         deep_rows = [r for r in range(n) if not confident[r]]
+        logits = torch.empty(n, model.config.vocab_size, device=x.device, dtype=h.dtype)
+        if sure:
+            logits[sure] = shallow[sure] if shallow is not None else exit_logits(model, self.heads, h[sure], ls)
         substeps = [SubStep("shallow", ["shallow"] * n, n)]
         if deep_rows:
-            logits = logits.clone()
             deep_logits, tokens = self._deep_pass(deep_rows, h, lengths, cache)
-            logits[deep_rows] = deep_logits
+            logits[deep_rows] = deep_logits.to(logits.dtype)
             substeps.append(SubStep("deep", ["deep" if r in set(deep_rows) else IDLE for r in range(n)], tokens))
         shallow_top1 = logits.argmax(-1).tolist()
-        for r in range(n):
-            if confident[r]:
-                self.stacks[r].append((h[r], float(conf[r]), shallow_top1[r]))
+        for r in sure:
+            self.stacks[r].append((h[r], float(conf[r]), shallow_top1[r]))
         steps = [list(range(ls)) if c else list(range(L)) for c in confident]
         return Decision(logits, steps, confident, substeps)
 
@@ -89,7 +92,7 @@ class FreeDecoding(DepthPolicy):
         last = counts[rows].cumsum(0) - 1
         deep_logits = model.head(hd[last])
         deferred = [i for i in range(len(states)) if i not in set(last.tolist())]
-        if deferred:
+        if deferred and self.calibrate:
             deep_top1 = model.head(hd[deferred]).argmax(-1).tolist()
             flat = [item for r in rows for item in self.stacks[r]]
             pairs = [(c, tok == d) for (_, c, tok), d in zip(flat, deep_top1)]
