@@ -1,6 +1,5 @@
 """Continuous depth-wise batching: exact against static batching and against each sequence alone."""
 import pytest
-import torch
 
 import mor_lab
 from mor_lab.engine.cdb import cdb_generate

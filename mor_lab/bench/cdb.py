@@ -15,8 +15,6 @@ and LM head (about 8 layers' worth of FLOPs on SmolLM2) do not shrink with early
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..engine.cdb import cdb_generate
@@ -25,7 +23,7 @@ from ..early_exit.evaluate import flops_per_token
 from ..engine.trace import Trace
 from ..models.decoder import Decoder
 from ..models.hf import load_pretrained
-from .common import environment, hf_reference
+from .common import environment, hf_reference, timer
 from .generate import _hf_generate, bench_prompts
 
 EXIT_PROBS = [0.4, 0.3, 0.2, 0.1]
@@ -50,15 +48,6 @@ def queue_utilization(trace: Trace) -> float:
     steps = [s for s in trace.engine_steps[:last] if s.kind == "loop"]
     cells = sum(len(s.activity) for s in steps)
     return sum(a != "idle" for s in steps for a in s.activity) / cells if cells else 1.0
-
-
-def _timed(fn):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
 
 
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32), max_new_tokens: int | None = None,
@@ -90,7 +79,9 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
         full_flops = flops_per_token(recursive, recursive.num_steps, context)
         rows = {}
         for method, fn in methods.items():
-            (ids, trace), seconds = _timed(lambda: fn(prompts, batch_size))
+            with timer(device) as elapsed:
+                ids, trace = fn(prompts, batch_size)
+            seconds = elapsed()
             tokens = sum(map(len, ids))
             row = {"method": method, "batch_size": batch_size, "requests": len(prompts),
                    "tokens_per_s": round(tokens / seconds, 2), "seconds": round(seconds, 3), "new_tokens": tokens}
