@@ -18,7 +18,6 @@ tokens (:func:`cache_exit_states`); the heads then train on the cached states
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..models.config import DictConfig
 from ..train.losses import (IGNORE_INDEX, KD_KINDS, calm_loss, free_loss, kl_distill, meta_loss,
                             next_token_targets)
 from .confidence import MEASURES, MetaClassifier, confidence
@@ -66,7 +66,7 @@ def free_layer_map(num_layers: int, shallow_layers: int) -> list[int]:
 
 
 @dataclass
-class ExitConfig:
+class ExitConfig(DictConfig):
     """Where tokens may exit and how an exit reads out its prediction."""
     exit_layers: list[int]  # exit after this many depth steps, e.g. FREE's [L_S]; the full depth is implicit
     adapter: str = "linear"  # "none": the plain logit lens; "linear": residual h + W h + b, zero-initialised
@@ -94,15 +94,6 @@ class ExitConfig:
         if self.measure not in MEASURES:
             raise ValueError(f"ExitConfig.measure = {self.measure!r} is not supported; allowed: {', '.join(MEASURES)}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ExitConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise ValueError(f"unknown ExitConfig fields {sorted(set(data) - known)}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 class ResidualAdapter(nn.Module):

@@ -9,8 +9,24 @@ from pathlib import Path
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
+class DictConfig:
+    """``to_dict`` / ``from_dict`` for the config dataclasses (model, exits, recursion, training), so a
+    checkpoint's JSON round-trips, and an unknown field is an error that names it and the allowed ones."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(DictConfig):
     vocab_size: int = 256
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -67,19 +83,8 @@ class ModelConfig:
             n += self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return n
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**data)
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":

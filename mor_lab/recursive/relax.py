@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.config import DictConfig
 from ..models.decoder import Decoder, DecoderLayer, LoRA, StepDelta
 from .convert import empty_like
 from .sharing import SharingPlan
@@ -32,7 +33,7 @@ PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 
 @dataclass
-class RelaxConfig:
+class RelaxConfig(DictConfig):
     """LoRA ranks of the relaxation, separate for attention and MLP projections.
 
     ``None``: full rank (``min(out, in)``, exact); ``0``: no LoRA there (those projections stay tied).
@@ -53,8 +54,6 @@ class RelaxConfig:
     def rank(self, projection: str) -> int | None:
         return self.attn_rank if projection in ATTENTION_PROJECTIONS else self.mlp_rank
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def linear(layer: DecoderLayer, projection: str) -> torch.nn.Linear:

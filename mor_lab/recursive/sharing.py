@@ -31,11 +31,12 @@ stack of ``n = num_steps`` layers; middle variants draw only from ``1 .. n-2``:
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..models.config import DictConfig
 
 CYCLE, SEQUENCE, MIDDLE_CYCLE, MIDDLE_SEQUENCE = "cycle", "sequence", "middle_cycle", "middle_sequence"
 STRATEGIES = (CYCLE, SEQUENCE, MIDDLE_CYCLE, MIDDLE_SEQUENCE)
@@ -70,7 +71,7 @@ def base_depth(num_layers: int, num_recursions: int, strategy: str) -> int:
 
 
 @dataclass
-class RecursiveConfig:
+class RecursiveConfig(DictConfig):
     """How to turn an L-layer model into a recursive one: strategy, loops, initialization, norms."""
     strategy: str = MIDDLE_CYCLE
     num_recursions: int = 2  # N_r, loops of the shared block
@@ -95,15 +96,6 @@ class RecursiveConfig:
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"RecursiveConfig.seed must be an integer, got {self.seed!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RecursiveConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise ValueError(f"unknown RecursiveConfig fields {sorted(set(data) - known)}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass(frozen=True)

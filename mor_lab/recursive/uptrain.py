@@ -18,13 +18,14 @@ from typing import Iterable, Iterator
 
 import torch
 
+from ..models.config import DictConfig
 from ..models.decoder import Decoder
 from ..train.data import TokenBatches
 from ..train.losses import kl_distill
 
 
 @dataclass
-class UptrainConfig:
+class UptrainConfig(DictConfig):
     """A distillation run: how long, how big the batches, how fast, and what trains."""
     steps: int = 100
     batch_size: int = 4
@@ -52,8 +53,6 @@ class UptrainConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"UptrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
