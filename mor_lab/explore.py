@@ -179,13 +179,6 @@ def summary_html(run: ExploreRun) -> str:
             f"batch utilization <b>{run.trace.utilization():.0%}</b>")
 
 
-def _replace(widget: go.FigureWidget, fig: go.Figure) -> None:
-    with widget.batch_update():
-        widget.data = []
-        widget.add_traces(list(fig.data))
-        widget.layout = fig.layout
-
-
 class DepthExplorer:
     """The app: prompts (one per line), a plan, a knob; figures and the summary update on every change."""
 
@@ -202,8 +195,7 @@ class DepthExplorer:
                                   style={"description_width": "initial"}, layout=w.Layout(width="420px"))
         self.status = w.HTML()
         self.summary = w.HTML()
-        self.depth = go.FigureWidget()
-        self.timeline = go.FigureWidget()
+        self.figures = w.Output()  # depth over text, then the timeline: plotly's own renderer, redrawn per run
         for control in (self.prompt, self.plan, self.knob):
             control.observe(lambda _change: self.update(), names="value")
         self.widget = w.VBox([w.HTML("<h2>mor_lab depth explorer</h2><p>Type prompts (one request per line), "
@@ -211,7 +203,7 @@ class DepthExplorer:
                                      "many layers each generated token ran; below, what every batch slot did at "
                                      "every engine step.</p>"),
                               self.prompt, w.HBox([self.plan, self.knob]), self.status, self.summary,
-                              self.depth, self.timeline])
+                              self.figures])
         self.last: ExploreRun | None = None
         self.update()
 
@@ -226,8 +218,11 @@ class DepthExplorer:
         except Exception as e:  # shown in the app, not swallowed: the user sees what went wrong
             self.status.value = f"<b style='color:#D55E00'>{type(e).__name__}: {e}</b>"
             raise
-        _replace(self.depth, depth_figure(run))
-        _replace(self.timeline, timeline_figure(run))
+        from .viz.widgets import show
+        with self.figures:
+            self.figures.clear_output(wait=True)
+            show(depth_figure(run))
+            show(timeline_figure(run))
         self.summary.value = summary_html(run)
         self.status.value = ""
         self.last = run

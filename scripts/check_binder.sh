@@ -21,6 +21,9 @@ rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 . "$VENV/bin/activate"
 export MOR_LAB_CACHE="$SCRATCH/cache"  # convert the offline model anew, as Binder's build does
+# Where the CPU wheel index of binder/requirements.txt is unreachable (a registry-only network), fail
+# over to the other indexes at once instead of retrying every package five times.
+export PIP_RETRIES=${PIP_RETRIES:-0}
 echo "== pip install -r binder/requirements.txt (fresh venv $VENV)"
 python -m pip install -q -r binder/requirements.txt
 echo "== binder/postBuild"

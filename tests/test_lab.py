@@ -121,3 +121,23 @@ def test_wheel_ships_the_notebooks(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
     shipped = {Path(n).name for n in names if "/share/mor-lab/notebooks/" in n}
     assert {p.name for p in (REPO / "notebooks").glob("*.ipynb")} <= shipped
+
+
+@pytest.mark.smollm2
+def test_depth_lab_runs_every_plan(smollm2):
+    """Each explorer plan runs through the engine and yields per-token depths, a trace and tokens/s."""
+    from mor_lab import explore
+    model, tok = smollm2
+    depth_lab = explore.DepthLab(model, tok, max_new_tokens=3)
+    for plan in explore.PLANS:
+        run = depth_lab.run(["Hi!", "What is 2+2?", "Name a color."], plan, 0.5)
+        assert [len(t) for t in run.tokens] == [len(d) for d in run.depths] and run.new_tokens > 0, plan
+        assert all(1 <= d <= run.max_depth for seq in run.depths for d in seq), plan
+        assert run.tokens_per_s > 0 and 0 < run.trace.utilization() <= 1, plan
+        fig = explore.depth_figure(run)
+        assert fig.layout.title.text.startswith(plan) and "tokens/s" in explore.summary_html(run)
+        assert explore.timeline_figure(run).data, plan
+    full = depth_lab.run(["Hi!"], explore.FULL)
+    assert set(full.depths[0]) == {model.num_steps}
+    with pytest.raises(ValueError, match="plan must be one of"):
+        depth_lab.run(["Hi!"], "nope")

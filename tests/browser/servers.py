@@ -61,11 +61,19 @@ class Server:
             return ""
 
 
-def _wait_http(server: Server, path: str, timeout: float) -> None:
+def _wait_http(server: Server, path: str | None, timeout: float) -> None:
+    """Until ``path`` answers 200, or with ``path=None`` until the port accepts connections (a Voila
+    page request would start a kernel and run the notebook just to check readiness)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
+        if path is None:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", server.port)) == 0:
+                    return
+            time.sleep(0.5)
+            continue
         try:
             with urllib.request.urlopen(server.url(path), timeout=5) as r:
                 if r.status == 200:
@@ -77,7 +85,7 @@ def _wait_http(server: Server, path: str, timeout: float) -> None:
 
 
 @contextlib.contextmanager
-def _serve(cmd: list[str], port: int, token: str, log: Path, ready_path: str, env: dict, cwd: Path,
+def _serve(cmd: list[str], port: int, token: str, log: Path, ready_path: str | None, env: dict, cwd: Path,
            timeout: float = 120):
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
@@ -136,7 +144,7 @@ def voila(notebook: Path, workdir: Path, env: dict | None = None, command: list[
     port = free_port()
     cmd = command or [sys.executable, "-m", "mor_lab.cli", "explore", "--no-browser", f"--port={port}",
                       f"--notebook={notebook}"]
-    with _serve(cmd, port, "", workdir / "voila.log", "", server_env(env), notebook.parent, timeout=120) as server:
+    with _serve(cmd, port, "", workdir / "voila.log", None, server_env(env), notebook.parent, timeout=120) as server:
         yield server
 
 
