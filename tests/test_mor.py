@@ -205,6 +205,14 @@ def test_masks_match_naive_reference_and_the_decoding_cache(kind, scheme):
     assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
 
 
+def test_loops_nobody_takes_are_skipped():
+    model = make("token")
+    ids = torch.randint(0, 64, (2, 6))
+    shallow = torch.ones(2, 6, dtype=torch.long)
+    out = model(ids, loops=shallow)
+    assert torch.equal(out.routing.loops, shallow) and torch.isfinite(out.logits).all()
+
+
 def test_vanilla_member_is_a_plain_decoder():
     model = MoRModel(MoRConfig(DIMS, kind="vanilla")).double().eval()
     ids = torch.randint(0, 64, (2, 7))

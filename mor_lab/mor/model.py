@@ -285,6 +285,8 @@ class MoRModel(Decoder):
                 sel = loops > r
             count = sel.sum(-1)
             m = int(count.max())
+            if m == 0:  # token-choice: no token of the batch goes this deep (nor deeper)
+                break
             idx = torch.argsort((~sel).to(torch.int8), dim=-1, stable=True)[:, :m]  # selected first, causal order
             valid = torch.arange(m, device=h.device) < count[:, None]
             gather = idx[..., None].expand(-1, -1, d)
