@@ -179,6 +179,14 @@ def summary_html(run: ExploreRun) -> str:
             f"batch utilization <b>{run.trace.utilization():.0%}</b>")
 
 
+def _show(fig: go.Figure) -> None:
+    """Plotly's own mimetype only: no CDN-backed HTML copy, which a Voila page (rendered offline) would
+    wait for; JupyterLab and Voila both draw it with the plotly renderer extension."""
+    from IPython.display import display
+    import plotly.io as pio
+    display(pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict()), raw=True)
+
+
 class DepthExplorer:
     """The app: prompts (one per line), a plan, a knob; figures and the summary update on every change."""
 
@@ -218,11 +226,10 @@ class DepthExplorer:
         except Exception as e:  # shown in the app, not swallowed: the user sees what went wrong
             self.status.value = f"<b style='color:#D55E00'>{type(e).__name__}: {e}</b>"
             raise
-        from .viz.widgets import show
         with self.figures:
             self.figures.clear_output(wait=True)
-            show(depth_figure(run))
-            show(timeline_figure(run))
+            _show(depth_figure(run))
+            _show(timeline_figure(run))
         self.summary.value = summary_html(run)
         self.status.value = ""
         self.last = run
