@@ -160,10 +160,12 @@ def depth_figure(run: ExploreRun, width: int = 72) -> go.Figure:
     from .viz.tokens import text_heatmap
     names = [p if len(p) <= 18 else p[:17] + "…" for p in run.prompts]
     knob = "" if run.knob is None else f", {KNOBS[run.plan]} {run.knob:.2f}"
-    return text_heatmap(run.tokens, run.depths, value_name="layers run", units=f"of {run.max_depth}",
-                        title=f"{run.plan}{knob}: {run.mean_depth:.1f} of {run.max_depth} layers per token on average",
-                        colorscale="Viridis", zmin=1, zmax=run.max_depth, fmt=".0f", width=width,
-                        sequence_names=names)
+    fig = text_heatmap(run.tokens, run.depths, value_name="layers run", units=f"of {run.max_depth}",
+                       title=f"{run.plan}{knob}: {run.mean_depth:.1f} of {run.max_depth} layers per token on average",
+                       colorscale="Viridis", zmin=1, zmax=run.max_depth, fmt=".0f", width=width,
+                       sequence_names=names)
+    fig.update_layout(height=max(fig.layout.height, 280))  # room for a readable colorbar with one prompt
+    return fig
 
 
 def timeline_figure(run: ExploreRun) -> go.Figure:
@@ -179,12 +181,14 @@ def summary_html(run: ExploreRun) -> str:
             f"batch utilization <b>{run.trace.utilization():.0%}</b>")
 
 
-def _show(fig: go.Figure) -> None:
-    """Plotly's own mimetype only: no CDN-backed HTML copy, which a Voila page (rendered offline) would
-    wait for; JupyterLab and Voila both draw it with the plotly renderer extension."""
-    from IPython.display import display
+def _output(fig: go.Figure) -> dict:
+    """``fig`` as an output of the Output widget, set as widget state rather than captured from the
+    kernel's display messages (which Voila's executor waits on forever for an Output widget written
+    while the notebook runs). Plotly's own mimetype only: JupyterLab and Voila draw it with the plotly
+    renderer extension; no CDN-backed HTML copy (an offline page would wait for it)."""
     import plotly.io as pio
-    display(pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict()), raw=True)
+    return {"output_type": "display_data", "data": pio.renderers["plotly_mimetype"].to_mimebundle(fig.to_dict()),
+            "metadata": {}}
 
 
 class DepthExplorer:
@@ -226,10 +230,7 @@ class DepthExplorer:
         except Exception as e:  # shown in the app, not swallowed: the user sees what went wrong
             self.status.value = f"<b style='color:#D55E00'>{type(e).__name__}: {e}</b>"
             raise
-        with self.figures:
-            self.figures.clear_output(wait=True)
-            _show(depth_figure(run))
-            _show(timeline_figure(run))
+        self.figures.outputs = (_output(depth_figure(run)), _output(timeline_figure(run)))
         self.summary.value = summary_html(run)
         self.status.value = ""
         self.last = run

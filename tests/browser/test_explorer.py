@@ -39,7 +39,7 @@ def test_explorer_in_browser(lab_root, workdir, browser, shots, timings):
     with voila(lab_root / "notebooks" / "depth_explorer.ipynb", workdir / "voila") as server:
         page = browser.new_page()
         try:
-            page.goto(server.url(), timeout=600_000)
+            page.goto(server.url(), wait_until="commit", timeout=600_000)  # offline: CDN fonts never load
             page.wait_for_selector(".widget-textarea textarea", timeout=600_000)
             _wait(page, lambda: len(page.query_selector_all(".js-plotly-plot")) >= 2 and "tokens/s" in _summary(page),
                   "two figures and a tokens/s summary did not render")
