@@ -90,16 +90,14 @@ DOM_COUNTS = f"""() => {{
 # A fingerprint of every rendered plotly figure: changes when any figure is redrawn with other data.
 FIGURE_SIGNATURE = """(root) => {
   const r = root || document;
-  let s = '';
+  let h = 0, n = 0;
+  const add = (str) => { for (let i = 0; i < str.length; i++) { h = (h * 31 + str.charCodeAt(i)) | 0; } n += str.length; };
   r.querySelectorAll('.js-plotly-plot').forEach(gd => {
-    s += (gd.layout && gd.layout.title ? JSON.stringify(gd.layout.title.text) : '') + '|';
-    (gd.data || []).forEach(t => { s += JSON.stringify([t.x, t.y, t.z, t.text, t.base,
-                                                        t.marker && t.marker.color]).length + ':'
-                                        + JSON.stringify([t.z, t.y, t.x, t.text]).slice(0, 20000); });
+    add(JSON.stringify(gd.layout && gd.layout.title ? gd.layout.title.text : ''));
+    (gd.data || []).forEach(t => add(JSON.stringify([t.x, t.y, t.z, t.text, t.base, t.visible,
+                                                   t.marker && t.marker.color, t.textfont && t.textfont.color])));
   });
-  let h = 0;
-  for (let i = 0; i < s.length; i++) { h = (h * 31 + s.charCodeAt(i)) | 0; }
-  return s.length + '/' + h;
+  return n + '/' + h;
 }"""
 
 
