@@ -93,7 +93,8 @@ FIGURE_SIGNATURE = """(root) => {
   let h = 0, n = 0;
   const add = (str) => { for (let i = 0; i < str.length; i++) { h = (h * 31 + str.charCodeAt(i)) | 0; } n += str.length; };
   r.querySelectorAll('.js-plotly-plot').forEach(gd => {
-    add(JSON.stringify(gd.layout && gd.layout.title ? gd.layout.title.text : ''));
+    const l = gd.layout || {};
+    add(JSON.stringify([l.title ? l.title.text : '', l.shapes, l.annotations]));  // e.g. a moved threshold line
     (gd.data || []).forEach(t => add(JSON.stringify([t.x, t.y, t.z, t.text, t.base, t.visible,
                                                    t.marker && t.marker.color, t.textfont && t.textfont.color])));
   });
