@@ -50,7 +50,8 @@ def test_notebook_in_browser(name, lab, browser, shots, timings):
                 f"(widgets asked for: {expected['names']}; console errors: {console_errors[-5:]})")
 
         moved = None
-        sliders = page.query_selector_all(".jp-OutputArea-output .widget-slider")
+        sliders = [s for s in page.query_selector_all(".jp-OutputArea-output .widget-slider")
+                   if not s.evaluate("el => !!el.querySelector('[disabled]') || el.classList.contains('mod-disabled')")]
         if sliders:
             index, label = nbp.move_slider_until_figure_changes(page, sliders)
             moved = label
