@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 
 import torch
 
@@ -27,7 +26,7 @@ from ..engine.generate import generate_ids
 from ..engine.trace import Trace
 from ..models.config import ModelConfig
 from ..mor.model import MoRConfig, MoRModel, RoutedDepth, RoutedExit, calibrate_thresholds
-from .common import environment
+from .common import environment, timer
 
 SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                             num_kv_heads=3, max_position_embeddings=8192,
@@ -64,15 +63,6 @@ def _static(model, prompts, max_new_tokens, slots, policy_factory):
     return ids, trace
 
 
-def _timed(fn):
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    out = fn()
-    sync()
-    return out, time.perf_counter() - start
-
-
 def decode_one(model: MoRModel, method: str, prompts, max_new_tokens: int, batch_size: int) -> dict:
     """Serve ``prompts`` with ``batch_size`` slots; one row of the report."""
     def fn():
@@ -80,8 +70,9 @@ def decode_one(model: MoRModel, method: str, prompts, max_new_tokens: int, batch
             return cdb_generate(model, model.structure, prompts, max_new_tokens, batch_size, RoutedExit())
         return _static(model, prompts, max_new_tokens, batch_size,
                        RoutedDepth if model.structure is not None else (lambda: None))
-    with torch.inference_mode():
-        (ids, trace), seconds = _timed(fn)
+    with torch.inference_mode(), timer(model.device) as elapsed:
+        ids, trace = fn()
+    seconds = elapsed()
     tokens = sum(map(len, ids))
     decoded = [t for seq in trace.tokens for t in seq[1:]]  # the first token of each request comes from prefill
     mean_layers = sum(t.num_steps for t in decoded) / max(1, len(decoded))

@@ -411,16 +411,19 @@ class Decoder(nn.Module):
 
     # Checkpoints: safetensors + JSON config; a reload is bit-identical.
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
         directory = Path(directory)
+        deltas = {k: d.spec() for k, d in self.step_deltas.items()}
+        self.save_weights(directory, {"plan": ",".join(map(str, self.plan)), "step_deltas": json.dumps(deltas)})
+        self.config.save(directory / "mor_lab_config.json")
+
+    def save_weights(self, directory: Path, metadata: dict | None = None) -> None:
+        """``model.safetensors`` in ``directory`` (created); a tied LM head is stored once, as the embedding."""
+        from safetensors.torch import save_file
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        deltas = {k: d.spec() for k, d in self.step_deltas.items()}
-        save_file(state, str(directory / "model.safetensors"),
-                  metadata={"plan": ",".join(map(str, self.plan)), "step_deltas": json.dumps(deltas)})
-        self.config.save(directory / "mor_lab_config.json")
+        save_file(state, str(directory / "model.safetensors"), metadata=metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device=None) -> "Decoder":

@@ -37,7 +37,7 @@ from ..engine.loops import LoopStructure
 from ..engine.policy import Decision, DepthPolicy, SubStep, run_steps
 from ..engine.trace import IDLE
 from ..models.cache import Chunk, KVCache
-from ..models.config import ModelConfig
+from ..models.config import DictConfig, ModelConfig
 from ..models.decoder import Decoder
 from ..train.losses import cross_entropy
 from .routers import ExpertChoiceRouter, RouterConfig, TokenChoiceRouter, hierarchical_topk, topk_count
@@ -47,7 +47,7 @@ KV_SCHEMES = ("recursion", "share")
 
 
 @dataclass
-class MoRConfig:
+class MoRConfig(DictConfig):
     """A member of the family. ``model.num_layers`` is the *vanilla* depth L the plan is cut from."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -83,16 +83,6 @@ class MoRConfig:
     def structure(self) -> LoopStructure | None:
         return None if self.kind == "vanilla" else LoopStructure.middle_cycle(self.model.num_layers,
                                                                               self.num_recursions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "MoRConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(data) - known:
-            raise ValueError(f"unknown MoRConfig fields {sorted(set(data) - known)}; allowed: {sorted(known)}")
-        return cls(**data)
 
 
 @dataclass
@@ -543,13 +533,8 @@ class MoRModel(Decoder):
     # ---------------------------------------------------------------------------------------------
     # Checkpoints: safetensors + JSON config; a reload is bit-identical.
     def save(self, directory: str | Path) -> None:
-        from safetensors.torch import save_file
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(directory / "model.safetensors"))
+        self.save_weights(directory)
         (directory / "mor_config.json").write_text(json.dumps(self.mor.to_dict(), indent=2))
 
     @classmethod
