@@ -27,10 +27,9 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
-if not torch.cuda.is_available():
-    # No GPU: the only way a Triton kernel can run is the interpreter. Triton reads this when a kernel
-    # is decorated (at import of the kernel modules below), so it works even if triton is already imported
-    # (importing transformers can import torch._dynamo, which imports triton).
+if not torch.cuda.is_available() and "triton" not in __import__("sys").modules:
+    # No GPU: the only way a Triton kernel can run is the interpreter, and Triton reads this when a
+    # kernel is decorated (at import of the kernel modules below).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
