@@ -1,7 +1,13 @@
 import importlib.util
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's interpreter must be chosen before triton is imported; test modules that import transformers
+    # first can import it (through torch._dynamo) before mor_lab.kernels would set this.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 

@@ -10,7 +10,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (mor_lab.kernels imports it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (also set in conftest.py)
 
 import pytest  # noqa: E402
 

@@ -29,7 +29,8 @@ BACKENDS = ("auto", "triton", "reference")
 
 if not torch.cuda.is_available() and "triton" not in __import__("sys").modules:
     # No GPU: the only way a Triton kernel can run is the interpreter, and Triton reads this when a
-    # kernel is decorated (at import of the kernel modules below).
+    # kernel is decorated (at import of the kernel modules below) and for its own library functions when
+    # triton itself is imported, so setting it after that would be too late: leave INTERPRET false then.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -74,7 +75,9 @@ def use_triton(x: torch.Tensor) -> bool:
         if not HAS_TRITON:
             raise RuntimeError("kernels.use('triton') needs the triton package (pip install triton)")
         if not x.is_cuda and not INTERPRET:
-            raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is imported")
+            raise RuntimeError("Triton kernels on CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                               "environment, or import mor_lab before anything that imports triton (transformers "
+                               "can, through torch._dynamo)")
         return True
     return HAS_TRITON and x.is_cuda
 
