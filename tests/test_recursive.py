@@ -12,7 +12,7 @@ import torch
 import mor_lab
 from mor_lab.recursive import (INITIALIZATIONS, STRATEGIES, RecursiveConfig, RelaxConfig, SharingPlan, UptrainConfig,
                                convert, count_parameters, distill_kl, init_sources, merge, parameter_counts,
-                               relative_residuals, relax, select_layers, svd_factors, unmerge, uptrain)
+                               relative_residuals, relax, residual_by_rank, select_layers, svd_factors, unmerge, uptrain)
 
 CASES = [(4, 2), (6, 2), (6, 3), (7, 2), (7, 3), (8, 3), (9, 2), (10, 4), (12, 5), (30, 2), (30, 3), (30, 4)]
 FULL = dict(attn_rank=None, mlp_rank=None)
@@ -251,6 +251,24 @@ def test_lower_rank_lands_in_between():
     assert errors[-1] < 1e-5
     counts = parameter_counts(conversion.model)
     assert counts["lora"] > 0 and counts["total"] == count_parameters(conversion.model)
+
+
+def test_residual_by_rank_is_what_relax_leaves_at_each_rank():
+    model = tiny(8)
+    conversion = convert(model, strategy="middle_cycle", num_recursions=3, init="average")
+    curves = residual_by_rank(conversion.model, model, conversion.sharing)
+    full = min(model.layers[0].self_attn.q_proj.weight.shape)
+    assert curves.residual["q_proj"].shape == (full + 1,) and curves.left(curves.full_rank) < 1e-6
+    for name, curve in curves.residual.items():
+        assert torch.all(curve[1:] <= curve[:-1] + 1e-7), name  # more rank never leaves more
+    for rank in (0, 2, 5, None):
+        relax(conversion.model, model, conversion.sharing, attn_rank=rank, mlp_rank=rank)
+        rank = curves.full_rank if rank is None else rank
+        measured = relative_residuals(conversion.model, model, conversion.sharing)
+        for name, value in measured.items():
+            curve = curves.residual[name]
+            assert abs(curve[min(rank, len(curve) - 1)].item() - value) < 1e-5, (name, rank)
+        assert curves.lora_parameters(rank) == parameter_counts(conversion.model)["lora"]
 
 
 def test_attention_and_mlp_ranks_are_separate():

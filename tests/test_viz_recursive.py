@@ -55,3 +55,23 @@ def test_scheduler_dashboard_reruns_both_schedulers_when_the_controls_move():
     board.step.value = 2
     assert all(tuple(f.layout.xaxis.range) == (-0.5, 2.5) for f in board.figures.values())
     assert set(DISTRIBUTIONS) >= {"never exit early"}
+
+
+def test_rank_dashboard_follows_the_slider_with_the_measured_residual():
+    import mor_lab
+    from mor_lab.recursive import convert, parameter_counts, residual_by_rank
+    from mor_lab.viz.recursive import RankDashboard
+
+    model = mor_lab.random_decoder(num_layers=6, vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2, seed=1)
+    conversion = convert(model, strategy="middle_cycle", num_recursions=2, init="average")
+    curves = residual_by_rank(conversion.model, model, conversion.sharing)
+    shared = parameter_counts(conversion.model)["layers"]
+    dash = RankDashboard(curves, shared, rank=2)
+    assert dash.slider.options[0] == 0 and dash.slider.options[-1] == curves.full_rank == 32
+    before = dash.figure.layout.title.text
+    dash.slider.value = 16
+    assert dash.figure.layout.shapes[0].x0 == 16 and dash.figure.layout.title.text != before
+    assert f"{curves.left(16):.0%}</b> of the weight difference" in dash.summary.value
+    assert curves.left(16) < curves.left(2)
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "text/html" in bundle

@@ -9,15 +9,15 @@ a vanilla one), ``relax`` (per-position LoRA, merge/unmerge), ``uptrain`` (disti
 """
 from .convert import Conversion, convert, count_parameters, parameter_counts, select_layers
 from .relax import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS, RelaxConfig, merge, relative_residuals,
-                    relax, svd_factors, svd_lora, unmerge)
+                    RankCurves, relax, residual_by_rank, svd_factors, svd_lora, unmerge)
 from .sharing import (AVERAGE, CYCLE, INITIALIZATIONS, LOWER, MIDDLE_CYCLE, MIDDLE_SEQUENCE, RANDOM, SEQUENCE,
                       STEPWISE, STRATEGIES, UPPER, DepthStep, RecursiveConfig, SharingPlan, base_depth,
                       init_sources, subsampled_layers)
 from .uptrain import UptrainConfig, UptrainResult, distill_kl, trainable_parameters, uptrain
 
 __all__ = ["ATTENTION_PROJECTIONS", "AVERAGE", "CYCLE", "Conversion", "DepthStep", "INITIALIZATIONS", "LOWER",
-           "MIDDLE_CYCLE", "MIDDLE_SEQUENCE", "MLP_PROJECTIONS", "PROJECTIONS", "RANDOM", "RecursiveConfig",
+           "MIDDLE_CYCLE", "MIDDLE_SEQUENCE", "MLP_PROJECTIONS", "PROJECTIONS", "RANDOM", "RankCurves", "RecursiveConfig",
            "RelaxConfig", "SEQUENCE", "STEPWISE", "STRATEGIES", "SharingPlan", "UPPER", "UptrainConfig",
            "UptrainResult", "base_depth", "convert", "count_parameters", "distill_kl", "init_sources", "merge",
-           "parameter_counts", "relative_residuals", "relax", "select_layers", "subsampled_layers", "svd_factors",
+           "parameter_counts", "relative_residuals", "relax", "residual_by_rank", "select_layers", "subsampled_layers", "svd_factors",
            "svd_lora", "trainable_parameters", "unmerge", "uptrain"]

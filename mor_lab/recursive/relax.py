@@ -209,3 +209,50 @@ def relative_residuals(model: Decoder, original: Decoder, sharing: SharingPlan) 
             totals[name] += float((w - weight).norm() / w.norm().clamp_min(1e-30))
     return {name: total / max(1, len(looped)) for name, total in totals.items()}
 
+
+
+
+@dataclass
+class RankCurves:
+    """What the SVD relaxation leaves and costs at every LoRA rank (one rank for every projection)."""
+
+    residual: dict[str, torch.Tensor]  # per projection: relative residual left at rank 0..min(out, in)
+    params_per_rank: dict[str, int]  # per projection: LoRA parameters one more rank adds, all looped steps
+
+    @property
+    def full_rank(self) -> int:
+        return max(len(c) for c in self.residual.values()) - 1
+
+    def left(self, rank: int) -> float:
+        """Mean over projections of the relative residual left at ``rank``."""
+        return sum(float(c[min(rank, len(c) - 1)]) for c in self.residual.values()) / len(self.residual)
+
+    def lora_parameters(self, rank: int) -> int:
+        return sum(min(rank, len(self.residual[n]) - 1) * p for n, p in self.params_per_rank.items())
+
+
+@torch.no_grad()
+def residual_by_rank(model: Decoder, original: Decoder, sharing: SharingPlan) -> RankCurves:
+    """Per projection, ``||W_l - W_shared - (best rank-r fit)|| / ||W_l||`` for every rank ``r = 0..full``,
+    averaged over the looped steps: the curve that ``relative_residuals`` samples one rank at a time after
+    ``relax``, computed once from the singular values of each residual (the truncated SVD is the best fit).
+
+    The shared weights are the model's own, LoRA excluded: it is the residual the relaxation fits.
+    """
+    curves: dict[str, torch.Tensor] = {}
+    per_rank: dict[str, int] = {}
+    looped = [s for s in sharing.steps if s.loop is not None]
+    for name in PROJECTIONS:
+        total = None
+        for s in looped:
+            w = linear(original.layers[s.original], name).weight.double()
+            r = w - linear(model.layers[s.layer], name).weight.double()
+            with _one_cpu_thread(r.device):
+                gram = r.T @ r if r.shape[0] >= r.shape[1] else r @ r.T
+                energy = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)  # squared singular values, largest first
+            tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])  # energy left after rank r
+            curve = tail.sqrt() / w.norm().clamp_min(1e-30)
+            total = curve if total is None else total + curve
+        curves[name] = (total / max(1, len(looped))).float().cpu()
+        per_rank[name] = len(looped) * sum(linear(model.layers[0], name).weight.shape)
+    return RankCurves(curves, per_rank)

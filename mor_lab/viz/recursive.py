@@ -5,11 +5,14 @@ the plan the model runs.
 """
 from __future__ import annotations
 
+import ipywidgets as widgets
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..recursive.relax import RankCurves
 from ..recursive.sharing import SharingPlan
 from .timeline import LOOP_COLORS
+from .widgets import static_bundle
 
 UNIQUE_COLOR = "#999999"  # prelude / coda of the middle variants: run once, never shared
 
@@ -75,3 +78,59 @@ def perplexity_figure(rows: list[dict], x: str, group: str | None, baseline: flo
                       yaxis_type="log" if log_y else None, width=720, height=420,
                       legend={"title": group or "", "orientation": "h", "y": -0.25})
     return fig
+
+
+def rank_figure(curves: RankCurves, rank: int, title: str | None = None) -> go.Figure:
+    """Relative residual left per projection (y) by LoRA rank (x); a marker line at ``rank``."""
+    fig = go.Figure()
+    for k, (name, curve) in enumerate(curves.residual.items()):
+        fig.add_scatter(x=list(range(len(curve))), y=curve.tolist(), mode="lines", name=name,
+                        line={"color": LOOP_COLORS[k % len(LOOP_COLORS)], "dash": "solid" if k < 4 else "dot"},
+                        hovertemplate=f"{name}, rank %{{x}}: %{{y:.1%}} of the weight difference left<extra></extra>")
+    fig.add_vline(x=rank, line_color="#000000", line_width=2)
+    fig.update_layout(title=title or rank_title(curves, rank), xaxis_title="LoRA rank (per projection, per looped step)",
+                      yaxis_title="weight difference left, ‖W_l − W_shared − BA‖ / ‖W_l‖", yaxis_tickformat=".0%",
+                      yaxis_range=[0, 1.05], width=720, height=420, legend={"title": "projection"})
+    return fig
+
+
+def rank_title(curves: RankCurves, rank: int) -> str:
+    return (f"LoRA rank {rank}: {curves.left(rank):.0%} of the difference to the original layers left, "
+            f"{curves.lora_parameters(rank) / 1e6:.1f}M LoRA parameters")
+
+
+class RankDashboard:
+    """A rank slider over :func:`rank_figure`: the marker line, the title and a summary follow it.
+
+    ``shared_params``: parameters of the shared layers the LoRA relaxes, to put its size in proportion.
+    """
+
+    def __init__(self, curves: RankCurves, shared_params: int, rank: int = 8):
+        self.curves, self.shared_params = curves, shared_params
+        full = curves.full_rank
+        ranks = sorted({0, full, *(2 ** i for i in range(full.bit_length()) if 2 ** i < full), rank})
+        self.figure = go.FigureWidget(rank_figure(curves, rank))
+        self.summary = widgets.HTML()
+        self.slider = widgets.SelectionSlider(options=ranks, value=rank, description="LoRA rank",
+                                              continuous_update=True, style={"description_width": "initial"},
+                                              layout=widgets.Layout(width="480px"))
+        self.slider.observe(lambda change: self.update(change["new"]), names="value")
+        self.widget = widgets.VBox([self.slider, self.summary, self.figure])
+        self.update(rank)
+
+    def update(self, rank: int) -> float:
+        """Move the marker to ``rank``; returns the mean residual left there."""
+        with self.figure.batch_update():
+            self.figure.layout.shapes[0].update(x0=rank, x1=rank)
+            self.figure.layout.title.text = rank_title(self.curves, rank)
+        params = self.curves.lora_parameters(rank)
+        self.summary.value = (f"rank {rank}: the LoRA adds <b>{params / 1e6:.1f}M</b> parameters, "
+                              f"<b>{params / self.shared_params:.0%}</b> of the shared layers it relaxes; "
+                              f"<b>{self.curves.left(rank):.0%}</b> of the weight difference to the original "
+                              f"layers remains (mean over projections).")
+        return self.curves.left(rank)
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = static_bundle(self.figure, f"<p>{self.summary.value}</p>")
+        bundle.update(self.widget._repr_mimebundle_(**kwargs))
+        return bundle
