@@ -194,7 +194,7 @@ def _output(fig: go.Figure) -> dict:
 class DepthExplorer:
     """The app: prompts (one per line), a plan, a knob; figures and the summary update on every change."""
 
-    def __init__(self, lab: DepthLab | None = None, prompts: str = DEFAULT_PROMPTS, plan: str = FULL,
+    def __init__(self, lab: DepthLab | None = None, prompts: str = DEFAULT_PROMPTS, plan: str = EARLY,
                  knob: float = 0.5):
         import ipywidgets as w
 

@@ -79,7 +79,9 @@ DOM_COUNTS = f"""() => {{
   const nb = {NOTEBOOK}.node;
   const outputs = Array.from(nb.querySelectorAll('.jp-OutputArea-output'));
   return {{
-    controls: nb.querySelectorAll('.jp-OutputArea-output .jupyter-widgets').length,
+    // a control's root view: an lm-Widget with a widget-* class (ipywidgets 8's slider views lack jupyter-widgets)
+    controls: Array.from(nb.querySelectorAll('.jp-OutputArea-output .lm-Widget'))
+                   .filter(e => Array.from(e.classList).some(c => c === 'jupyter-widgets' || c.startsWith('widget-'))).length,
     sliders: nb.querySelectorAll('.jp-OutputArea-output .widget-slider').length,
     figures: nb.querySelectorAll('.jp-OutputArea-output.js-plotly-plot, .jp-OutputArea-output .js-plotly-plot').length,
     widget_errors: outputs.filter(o => /Error displaying widget|Failed to load model|model not found/i.test(o.textContent))
@@ -156,9 +158,16 @@ def signature(page, root_selector: str | None = None) -> str:
 
 def drag_slider(page, slider, fraction: float) -> None:
     """Drag a noUiSlider handle to ``fraction`` of the track, as a mouse would."""
-    slider.scroll_into_view_if_needed()
     track = slider.query_selector(".noUi-target") or slider
     handle = slider.query_selector(".noUi-handle")
+    slider.scroll_into_view_if_needed()
+    box, deadline = None, time.monotonic() + 10
+    while time.monotonic() < deadline:  # the notebook panel may still be scrolling: wait until it settles
+        time.sleep(0.3)
+        now = handle.bounding_box()
+        if now == box:
+            break
+        box = now
     t, h = track.bounding_box(), handle.bounding_box()
     page.mouse.move(h["x"] + h["width"] / 2, h["y"] + h["height"] / 2)
     page.mouse.down()
@@ -183,7 +192,7 @@ def move_slider_until_figure_changes(page, sliders, timeout_s: float = 120, root
         label = (slider.inner_text() or "").strip().replace("\n", " ")[:60]
         before = signature(page, root_selector)
         pos = slider_position(slider)
-        drag_slider(page, slider, 0.25 if pos > 0.5 else 0.8)
+        drag_slider(page, slider, 0.1 if pos > 0.5 else 0.9)  # near an end: a few-option slider snaps back from 1/4
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             time.sleep(1)

@@ -5,8 +5,8 @@ file): open it, Run All in the quick setting, wait for the kernel to go idle, th
 - no cell raised (an ``error`` output),
 - every ipywidgets control and every plotly figure the outputs asked for is in the DOM (counted in
   the kernel by walking each widget output's view tree, and on the page),
-- when the notebook has a slider, dragging one redraws a figure.
-A screenshot of each notebook (at its slider, else its last figure) is saved under
+- every notebook has an enabled slider, and dragging one redraws a figure.
+A screenshot of each notebook (at the slider it moved) is saved under
 tests/browser/screenshots/.
 """
 from __future__ import annotations
@@ -49,18 +49,11 @@ def test_notebook_in_browser(name, lab, browser, shots, timings):
                 f"{name}: {expected[kind]} {kind} expected from the outputs, {dom[kind]} rendered in the browser "
                 f"(widgets asked for: {expected['names']}; console errors: {console_errors[-5:]})")
 
-        moved = None
         sliders = [s for s in page.query_selector_all(".jp-OutputArea-output .widget-slider")
                    if not s.evaluate("el => !!el.querySelector('[disabled]') || el.classList.contains('mod-disabled')")]
-        if sliders:
-            index, label = nbp.move_slider_until_figure_changes(page, sliders)
-            moved = label
-            sliders[index].scroll_into_view_if_needed()
-            page.evaluate("(el) => el.scrollIntoView({block: 'start'})", sliders[index])
-        else:
-            figures = page.query_selector_all(".jp-OutputArea-output.js-plotly-plot, .jp-OutputArea-output .js-plotly-plot")
-            if figures:
-                page.evaluate("(el) => el.scrollIntoView({block: 'center'})", figures[-1])
+        assert sliders, f"{name}: no enabled slider in the outputs (every notebook lets the reader move one)"
+        index, moved = nbp.move_slider_until_figure_changes(page, sliders)
+        page.evaluate("(el) => el.scrollIntoView({block: 'start'})", sliders[index])
         page.wait_for_timeout(500)
         page.screenshot(path=str(shots / f"{name[:-6]}.png"))
         timings[name] = {"open_s": round(opened - start, 1), "run_all_s": round(ran - opened, 1),
