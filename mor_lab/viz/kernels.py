@@ -28,7 +28,7 @@ def request_lengths(slots: int, shortest: int, longest: int, seed: int = 3) -> t
 
 def ragged_title(lengths: torch.Tensor, attention: dict = SMOLLM2_ATTENTION) -> str:
     padded, ragged = decode_kv_bytes(lengths, **attention)
-    return (f"{len(lengths)} slots: padded attention reads {padded / 2**20:.1f} MiB per layer and step, "
+    return (f"{len(lengths)} slots, KV read per layer and decode step: padded attention {padded / 2**20:.1f} MiB,<br>"
             f"the ragged kernel {ragged / 2**20:.1f} MiB ({padded / ragged:.2f}x less)")
 
 
@@ -41,7 +41,8 @@ def ragged_figure(lengths: torch.Tensor, attention: dict = SMOLLM2_ATTENTION) ->
         go.Bar(x=slots, y=lengths.tolist(), name="ragged: read", marker_color="#0072B2",
                hovertemplate="slot %{x}: its cache holds %{y} positions<extra></extra>")])
     fig.update_layout(barmode="overlay", title=ragged_title(lengths, attention), xaxis_title="batch slot",
-                      yaxis_title="cache positions read", width=720, height=360, legend={"orientation": "h", "y": -0.25})
+                      yaxis_title="cache positions read", width=720, height=380, margin={"t": 90},
+                      legend={"orientation": "h", "y": -0.25})
     return fig
 
 

@@ -135,7 +135,7 @@ def free_token_heatmap(trace: Trace, texts: list[list[str]], reference: list[lis
         notes.append(row)
     num = sum(map(len, layers))
     deferred = sum(t.deferred for seq in trace.tokens for t in seq)
-    default = f"Layers run before each token was emitted: {deferred} of {num} tokens deferred their deep layers"
+    default = f"Layers run before each token was emitted:<br>{deferred} of {num} tokens deferred their deep layers"
     if reference is not None and token_ids is not None:
         default += f", {differ} differ from the full model"
     colorscale = [[0, ACTIVITY_COLORS["shallow"]], [1, ACTIVITY_COLORS["deep"]]]

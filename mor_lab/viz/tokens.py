@@ -132,7 +132,7 @@ def text_heatmap(texts: list[list[str]], values, *, title: str, value_name: str,
     fig = go.Figure([heat, labels])
     fig.update_layout(
         title=title, plot_bgcolor="white", width=max(560, layout.num_cols * CHAR_PX + 220),
-        height=layout.num_rows * LINE_PX + 170, margin={"l": 70, "r": 20, "t": 60, "b": 60},
+        height=layout.num_rows * LINE_PX + 170, margin={"l": 70, "r": 20, "t": 60 + 22 * title.count("<br>"), "b": 60},
         xaxis={"title": "generated text (hover a token for its value)",
                "showticklabels": False, "showgrid": False, "zeroline": False,
                "range": [-0.5, layout.num_cols - 0.5]},
