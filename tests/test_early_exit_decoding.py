@@ -1,15 +1,12 @@
-"""Batched early-exit decoding: exactness at 'never exit', batch invariance, and FREE's KV cache."""
-import copy
-
+"""Batched early-exit decoding on the one engine: exactness at 'never exit', batch invariance (static and
+continuous mode), FREE's KV cache, state propagation."""
 import pytest
 import torch
 
 import mor_lab
-from mor_lab.early_exit.decoding import CalmExit, StaticExit
-from mor_lab.early_exit.free import FreeDecoding
 from mor_lab.early_exit.threshold import AdaptiveThreshold
-from mor_lab.engine.policy import run_steps
-from mor_lab.models.cache import Chunk, KVCache
+from mor_lab.engine.policies import CalmExit, FreeDecoding, StaticExit
+from mor_lab.engine.scheduler import Scheduler
 
 PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]
 NEVER = 2.0  # confidences are <= 1: no token ever exits early
@@ -30,8 +27,8 @@ def policies(threshold):
             FreeDecoding(2, AdaptiveThreshold())]
 
 
-def run(model, prompts, policy, n=12):
-    return mor_lab.generate_ids(model, prompts, n, eos_token_ids=[], policy=policy)
+def run(model, prompts, policy, n=12, **engine):
+    return mor_lab.generate_ids(model, prompts, n, eos_token_ids=[], policy=policy, **engine)
 
 
 @pytest.mark.parametrize("index", range(5))
@@ -51,6 +48,19 @@ def test_per_row_policies_do_not_depend_on_the_batch(model, threshold, index):
     assert 2 < trace.mean_steps_per_token() < 6  # some tokens exit early, some do not
     alone = [run(model, [p], policies(threshold)[index])[0][0] for p in PROMPTS]
     assert batched == alone
+    continuous, _ = run(model, PROMPTS + PROMPTS[:2], policies(threshold)[index], slots=2, mode="continuous")
+    assert continuous[:len(PROMPTS)] == batched  # a freed slot takes the next request: same tokens
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_record_predictions_works_for_every_policy(model, index):
+    ids, trace = run(model, PROMPTS[:2], policies(0.3)[index], n=5, record_predictions=True)
+    for seq, out in zip(trace.tokens, ids):
+        for t, token in zip(seq, out):
+            assert len(t.top1) == len(t.steps) == len(t.confidence) > 0  # the lens after every step it ran
+            assert all(0 < c <= 1 for c in t.confidence)
+            if t.steps[-1] == model.num_steps - 1 and not t.deferred:
+                assert t.top1[-1] == token  # after the last layer the lens is the emitted greedy token
 
 
 def test_free_defers_confident_tokens_and_records_it(model):
@@ -65,72 +75,55 @@ def test_calm_batch_semantics_waits_for_the_slowest_row(model):
     _, row_trace = run(model, PROMPTS, CalmExit(0.1, [2, 4], measure="margin", per_row=True))
     assert batch_trace.mean_steps_per_token() > row_trace.mean_steps_per_token()
     for step in batch_trace.engine_steps[1:]:  # in batch semantics a row never idles inside a step
-        assert "idle" not in step.activity
+        assert "idle" not in step.activity and "wait" not in step.activity
+    assert any("wait" in step.activity for step in row_trace.engine_steps)  # per row: exited rows wait
 
 
 class Scripted(FreeDecoding):
-    """FREE with a scripted confidence pattern: decode steps in ``deep_at`` are not confident."""
+    """FREE with a scripted confidence pattern: the tokens of index ``deep_at`` (0 = the first generated
+    token) are not confident, every other one is."""
 
     def __init__(self, shallow_layer, deep_at):
         super().__init__(shallow_layer, 0.0)
-        self.deep_at, self.t = set(deep_at), 0
+        self.deep_at = set(deep_at)
 
-    @property
-    def threshold(self):
-        return NEVER if self.t in self.deep_at else -1.0
-
-    def decode(self, x, lengths, cache, t, record=False):
-        self.t = t
-        return super().decode(x, lengths, cache, t, record)
+    def decide(self, tokens, h, ctx):
+        self.fixed = NEVER if int(ctx.index.max()) in self.deep_at else -1.0
+        return super().decide(tokens, h, ctx)
 
 
 def test_parallel_deep_pass_fills_the_exact_deep_kv_of_deferred_tokens(model):
     """After FREE's deep pass, the deep-layer cache equals the full model's for every deferred token."""
     prompts, n_new = [[1, 2, 3], [4, 5, 6, 7, 8]], 9
-    policy = Scripted(2, deep_at={3, 7})  # tokens of steps 0-2 and 4-6 are deferred, then caught up
-    ids, trace = run(model, prompts, policy, n_new)
+    engine = Scheduler(model, Scripted(2, deep_at={4, 8}), eos_token_ids=[])  # tokens 1-3 and 5-7 deferred
+    ids, trace = engine.run(prompts, n_new)
     assert sum(t.deferred for t in trace.tokens[0]) == 6
-    # Replay the same decisions with a cache we can inspect.
-    lengths = torch.tensor([len(p) for p in prompts])
-    cache = KVCache.for_model(model, 2, 32)
-    chunk = Chunk.prefill(lengths)
-    flat = torch.tensor([t for p in prompts for t in p])
-    with torch.no_grad():
-        run_steps(model, model.embed(flat), range(model.num_steps), cache, chunk)
-        replay = Scripted(2, deep_at={3, 7})
-        replay.begin(model, 2)
-        for t in range(8):  # tokens 0..7 are fed back; the pass at step 7 catches up tokens 4..7
-            x = model.embed(torch.tensor([ids[0][t], ids[1][t]]))
-            replay.decode(x, lengths, cache, t)
-            lengths = lengths + 1
-        for row, prompt in enumerate(prompts):
-            seq = prompt + ids[row][:8]
-            reference = KVCache.for_model(model, 1, 32)
-            run_steps(model, model.embed(torch.tensor(seq)), range(model.num_steps), reference,
-                      Chunk.prefill(torch.tensor([len(seq)])))
-            for step in range(2, model.num_steps):  # the deep steps
-                got, want = cache.k[step][row, :, :len(seq)], reference.k[step][0, :, :len(seq)]
-                assert torch.allclose(got, want, atol=1e-5), (row, step)
-                assert torch.allclose(cache.v[step][row, :, :len(seq)], reference.v[step][0, :, :len(seq)],
-                                      atol=1e-5)
+    for row, prompt in enumerate(prompts):
+        seq = prompt + ids[row][:8]  # tokens fed back; the deep pass computing token 8 caught up tokens 4..7
+        full = Scheduler(model, eos_token_ids=[])
+        full.run([seq], 1)
+        for step in range(2, model.num_steps):  # the deep steps
+            page = engine.cache.pages(step)
+            got_k, got_v = engine.cache.k[page][row, :, :len(seq)], engine.cache.v[page][row, :, :len(seq)]
+            want_k, want_v = full.cache.k[page][0, :, :len(seq)], full.cache.v[page][0, :, :len(seq)]
+            assert torch.allclose(got_k, want_k, atol=1e-5), (row, step)
+            assert torch.allclose(got_v, want_v, atol=1e-5), (row, step)
 
 
 def test_static_and_calm_fill_skipped_kv_by_state_propagation(model):
     """Skipped steps get K/V computed from the exited hidden state, never left as zeros."""
-    lengths = torch.tensor([3])
-    cache = KVCache.for_model(model, 1, 8)
+    engine = Scheduler(model, StaticExit(2), eos_token_ids=[])
+    ids, _ = engine.run([[1, 2, 3]], 2)  # token 0 from the full prefill, then token 0 is fed at position 3
     with torch.no_grad():
-        run_steps(model, model.embed(torch.tensor([1, 2, 3])), range(6), cache, Chunk.prefill(lengths))
-        before = copy.deepcopy(cache)
-        policy = StaticExit(2)
-        policy.begin(model, 1)
-        policy.decode(model.embed(torch.tensor([4])), lengths, cache, 0)
-        chunk = Chunk.decode(lengths)
-        h, _ = run_steps(model, model.embed(torch.tensor([4])), range(2), before, chunk)
-    for step in range(2, 6):
-        layer = model.layers[step]
-        k = layer.self_attn.project(layer.input_layernorm(h), model.rope(chunk.positions))[1]
-        assert torch.allclose(cache.k[step][0, :, 3], k[0], atol=1e-5)
+        _, hidden = model(torch.tensor([[1, 2, 3, ids[0][0]]]), return_hidden=True)
+        h = hidden[2][0, 3:4]  # its state after 2 steps
+        rope = model.rope(torch.tensor([3]))
+        for step in range(2, 6):
+            layer = model.layers[step]
+            k, v = layer.self_attn.project_kv(layer.input_layernorm(h), rope)
+            page = engine.cache.pages(step)
+            assert torch.allclose(engine.cache.k[page][0, :, 3], k[0], atol=1e-5)
+            assert torch.allclose(engine.cache.v[page][0, :, 3], v[0], atol=1e-5)
 
 
 def test_invalid_exit_configuration_is_rejected(model):

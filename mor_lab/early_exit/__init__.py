@@ -3,8 +3,6 @@
 Also the logit-lens analysis (``lens``): when could a token stop going deeper, and what would it save.
 """
 from .confidence import MEASURES, MetaClassifier, calm_threshold, confidence
-from .decoding import CalmExit, StaticExit
-from .free import FreeDecoding
 from .heads import (ExitConfig, ExitHeads, cache_exit_states, evaluate_exit_heads, free_layer_map,
                     free_shallow_layers, train_exit_heads)
 from .threshold import AdaptiveThreshold, ThresholdConfig
@@ -12,3 +10,12 @@ from .threshold import AdaptiveThreshold, ThresholdConfig
 __all__ = ["MEASURES", "AdaptiveThreshold", "CalmExit", "ExitConfig", "ExitHeads", "FreeDecoding", "MetaClassifier",
            "StaticExit", "ThresholdConfig", "cache_exit_states", "calm_threshold", "confidence",
            "evaluate_exit_heads", "free_layer_map", "free_shallow_layers", "train_exit_heads"]
+
+
+def __getattr__(name):
+    """The decoding policies live in the engine (``mor_lab.engine.policies``); imported lazily here, since
+    the engine's policies import this package's confidence measures."""
+    if name in ("CalmExit", "FreeDecoding", "StaticExit"):
+        from ..engine import policies
+        return getattr(policies, name)
+    raise AttributeError(f"module 'mor_lab.early_exit' has no attribute {name!r}")

@@ -1,14 +1,33 @@
 """What the engine did, token by token and step by step: the data every visualization reads.
 
 Per generated token: the depth steps it ran and, when recorded, the logit-lens top-1 token and its
-probability after each of those steps. Per engine step: what each batch slot was doing ("prefill",
-"decode", "idle", and in later plans "shallow", "deep", "loop 2", ...), and for which sequence.
+probability after each of those steps. Per engine step (one pass of some rows through a group of
+layers): what each batch slot was doing ("prefill", "decode", "shallow", "deep", "loop 2", ...; "wait"
+while its token waits for a head call, "idle" when it holds no sequence), and for which sequence. Per
+pass over weights (``passes``): what the cost model prices, so every run can be predicted and compared
+with its ideal (``mor_lab.engine.cost``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 IDLE = "idle"
+WAIT = "wait"  # the slot's token left the layers and waits for its head call: no useful work
+NOT_BUSY = (IDLE, WAIT)
+
+
+class Pass(NamedTuple):
+    """One read of some weights by the engine: the unit the cost model prices.
+
+    ``kind``: "layer" (one decoder layer over packed tokens), "head" (final norm + LM head + sampling),
+    "test" (an exit test: the LM head at an exit, or a classifier), "propagate" (K/V projections of
+    exited tokens for the steps they skipped), "router" (MoR router scores). ``keys``: summed attention
+    length of the tokens (layer passes)."""
+    kind: str
+    rows: int
+    tokens: int
+    keys: int = 0
 
 
 @dataclass
@@ -43,6 +62,9 @@ class Trace:
     num_steps: int
     tokens: list[list[TokenTrace]] = field(default_factory=list)  # per sequence, per generated token
     engine_steps: list[EngineStep] = field(default_factory=list)
+    passes: list[Pass] = field(default_factory=list)  # every read of weights, for the cost model
+    slots: int = 0  # block slots: the most rows one pass may run (the batch size B)
+    seconds: float = 0.0  # wall time of the run
 
     def utilization(self, kinds: tuple[str, ...] | None = None) -> float:
         """Fraction of batch-slot x engine-step cells that did useful work."""
@@ -51,8 +73,15 @@ class Trace:
             if kinds and step.kind not in kinds:
                 continue
             total += len(step.activity)
-            busy += sum(a != IDLE for a in step.activity)
+            busy += sum(a not in NOT_BUSY for a in step.activity)
         return busy / total if total else 0.0
+
+    def pass_counts(self) -> dict[str, int]:
+        """How many passes of each kind the run made (the per-step cost breakdown)."""
+        counts: dict[str, int] = {}
+        for p in self.passes:
+            counts[p.kind] = counts.get(p.kind, 0) + 1
+        return counts
 
     def mean_steps_per_token(self) -> float:
         counts = [t.num_steps for seq in self.tokens for t in seq]

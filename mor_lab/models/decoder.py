@@ -5,14 +5,19 @@ any tokens, with or without a KV cache: every technique in mor_lab (early exit, 
 is a different plan over these steps. ``Decoder.plan[s]`` names the physical layer step ``s`` uses;
 the vanilla plan is ``[0, 1, ..., L-1]``.
 
+``Decoder.run_layer(layer, ..., steps)`` runs one physical layer on packed tokens that may each be at a
+different depth step (continuous depth-wise batching), each reading and writing its own step's cache.
+
 The hot element-wise ops (RMSNorm and the residual add before it, SwiGLU, rotary), attention over the KV
-cache and the per-row multi-LoRA projections of ``run_shared_layer`` go through ``mor_lab.kernels``:
-Triton kernels on CUDA, the PyTorch references (the same math, written out) elsewhere.
+cache and the per-token multi-LoRA projections of ``run_layer`` go through ``mor_lab.kernels``: Triton
+kernels on CUDA, the PyTorch references (the same math, written out) elsewhere. Inside the engine,
+``fast_paths`` picks the matmul layout measured fastest and fuses q/k/v and gate/up (:class:`FastPaths`).
 """
 from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,6 +27,82 @@ from torch import nn
 from .. import kernels
 from .cache import Chunk, KVCache
 from .config import ModelConfig
+
+
+class FastPaths:
+    """What the engine turns on for its decode passes (``fast_paths(...)``); off everywhere else.
+
+    ``transposed_min_rows`` (``head_transposed_min_rows`` for the LM head): from this many rows on, a
+    projection is computed as ``(W @ x^T)^T``
+    instead of ``x @ W^T`` (``F.linear``): the same product, but on CPUs whose BLAS handles few
+    columns better than few rows it runs up to 2x faster at 4-32 rows (the engine's cost model
+    measures both on the device and sets this; ``None``: never). ``fused``: q/k/v and gate/up run as
+    one matmul each over weights stored side by side. ``decode_attention``: one query per row
+    attends through two small matmuls instead of SDPA, whose per-call overhead dominates at
+    decode sizes on a CPU. None of these keep HF's summation order: the ``exact`` engine mode
+    leaves them all off (the HF parity tests use it).
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.transposed_min_rows: int | None = None
+        self.head_transposed_min_rows: int | None = None
+        self.fused = False
+        self.decode_attention = False
+
+
+FAST = FastPaths()
+
+
+_FIELDS = ("enabled", "transposed_min_rows", "head_transposed_min_rows", "fused", "decode_attention")
+
+
+@contextmanager
+def fast_paths(transposed_min_rows: int | None = 3, head_transposed_min_rows: int | None = 3, fused: bool = True,
+               decode_attention: bool = True):
+    """Inside the block, inference passes take the fast paths (see :class:`FastPaths`)."""
+    saved = tuple(getattr(FAST, f) for f in _FIELDS)
+    for f, value in zip(_FIELDS, (True, transposed_min_rows, head_transposed_min_rows, fused, decode_attention)):
+        setattr(FAST, f, value)
+    try:
+        yield FAST
+    finally:
+        for f, value in zip(_FIELDS, saved):
+            setattr(FAST, f, value)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T + b``, in the layout the engine measured fastest for this many rows (``FastPaths``)."""
+    rows = FAST.transposed_min_rows
+    if FAST.enabled and rows is not None and x.dim() == 2 and x.shape[0] >= rows and not torch.is_grad_enabled():
+        y = torch.mm(weight, x.T).T.contiguous()
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def fused_weight(linears: list[nn.Linear]) -> torch.Tensor | None:
+    """The weights of ``linears`` stacked ``[sum(out), in]`` in one buffer, the parameters rebound as views
+    of it (no extra memory; in-place updates and ``load_state_dict`` keep them in sync). ``None`` when
+    they have biases. Rebuilt when a parameter moved (``.to()``, a new Parameter)."""
+    if any(l.bias is not None for l in linears):
+        return None
+    first = linears[0].weight
+    cached = getattr(linears[0], "_fused_with", None)
+    if cached is not None and cached.data_ptr() == first.data_ptr() and cached.dtype == first.dtype and \
+            cached.device == first.device and all(
+                l.weight.data_ptr() == cached[o:].data_ptr() for l, o in zip(linears, _offsets(linears))):
+        return cached
+    with torch.no_grad():
+        fused = torch.cat([l.weight.detach() for l in linears])
+        for l, o in zip(linears, _offsets(linears)):
+            l.weight.data = fused[o:o + l.weight.shape[0]]
+    linears[0]._fused_with = fused
+    return fused
+
+
+def _offsets(linears: list[nn.Linear]) -> list[int]:
+    sizes = [l.weight.shape[0] for l in linears]
+    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class RMSNorm(nn.Module):
@@ -69,9 +150,13 @@ class StepDelta(nn.Module):
         self.lora = nn.ModuleDict(lora or {})
         self.norms = nn.ParameterDict({k: nn.Parameter(v.detach().clone()) for k, v in (norms or {}).items()})
 
-    def project(self, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x)
+    def project(self, name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        y = linear(x, module.weight, module.bias)
         return y + self.lora[name](x) if name in self.lora else y
+
+    def touches(self, names) -> bool:
+        """Does this delta change any of these projections (then they cannot run fused)?"""
+        return any(n in self.lora for n in names)
 
     def norm_weight(self, name: str) -> torch.Tensor | None:
         return self.norms[name] if name in self.norms else None
@@ -87,8 +172,19 @@ class StepDelta(nn.Module):
         return cls(lora, {k: torch.ones(n) for k, n in spec["norms"].items()})
 
 
-def project(linear: nn.Linear, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
-    return linear(x) if delta is None else delta.project(name, linear, x)
+def project(module: nn.Linear, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
+    return linear(x, module.weight, module.bias) if delta is None else delta.project(name, module, x)
+
+
+def project_many(modules: list[nn.Linear], names: list[str], x: torch.Tensor, delta) -> list[torch.Tensor]:
+    """Several projections of the same input: one fused matmul on the engine's fast path (inference, no
+    LoRA on them), else one each."""
+    if FAST.enabled and FAST.fused and x.dim() == 2 and not torch.is_grad_enabled() and (
+            delta is None or not delta.touches(names)):
+        weight = fused_weight(modules)
+        if weight is not None:
+            return list(linear(x, weight).split([m.weight.shape[0] for m in modules], dim=-1))
+    return [project(m, n, x, delta) for m, n in zip(modules, names)]
 
 
 def norm(layer_norm: RMSNorm, name: str, x: torch.Tensor, delta: StepDelta | None) -> torch.Tensor:
@@ -112,20 +208,35 @@ class RowDeltas:
     def __init__(self, layer: nn.Module, deltas: list[StepDelta | None], token_delta: torch.Tensor):
         self.layer, self.deltas, self.token_delta = layer, deltas, token_delta  # token_delta: [N] index into deltas
 
-    def project(self, name: str, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def for_steps(cls, model: "Decoder", layer: int, steps: torch.Tensor) -> "RowDeltas | StepDelta | None":
+        """The deltas of tokens at ``steps`` (``[N]``) of ``layer``: None when no step has one."""
+        present = torch.unique(steps).tolist()
+        deltas = [model.delta(s) for s in present]
+        if all(d is None for d in deltas):
+            return None
+        if len(present) == 1:
+            return deltas[0]
+        index = torch.searchsorted(torch.tensor(present, device=steps.device), steps)
+        return cls(model.layers[layer], deltas, index)
+
+    def touches(self, names) -> bool:
+        return any(d is not None and d.touches(names) for d in self.deltas)
+
+    def project(self, name: str, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         loras = [d.lora[name] if d is not None and name in d.lora else None for d in self.deltas]
         if all(lora is None for lora in loras):
-            return linear(x)
+            return linear(x, module.weight, module.bias)
         rank = max(lora.A.shape[0] for lora in loras if lora is not None)
-        a = x.new_zeros(len(loras), rank, linear.in_features)
-        b = x.new_zeros(len(loras), rank, linear.out_features)  # stored [n, r, out]: coalesced kernel loads
+        a = x.new_zeros(len(loras), rank, module.in_features)
+        b = x.new_zeros(len(loras), rank, module.out_features)  # stored [n, r, out]: coalesced kernel loads
         scales = torch.zeros(len(loras), device=x.device)
         for i, lora in enumerate(loras):
             if lora is not None:
                 a[i, :lora.A.shape[0]], b[i, :lora.B.shape[1]], scales[i] = lora.A, lora.B.T, lora.scale
         has = torch.tensor([lora is not None for lora in loras], device=x.device)
         ids = torch.where(has[self.token_delta], self.token_delta, -1)
-        return kernels.multi_lora_linear(x, linear.weight, linear.bias, a, b.transpose(1, 2), ids, scales)
+        return kernels.multi_lora_linear(x, module.weight, module.bias, a, b.transpose(1, 2), ids, scales)
 
     def norm_weight(self, name: str) -> torch.Tensor | None:
         if not any(d is not None and name in d.norms for d in self.deltas):
@@ -138,19 +249,35 @@ class RowDeltas:
 def _paged_attention(q: torch.Tensor, cache: KVCache, step: int | torch.Tensor, chunk: Chunk) -> torch.Tensor:
     """Ragged attention straight over the KV cache (the Triton path), packed ``[N, heads, head_dim]`` in and out.
 
-    The cache ``[steps, batch, kv_heads, capacity, head_dim]`` is a paged pool of one page of ``capacity``
-    positions per (step, row); token ``i`` reads page ``step * batch + rows[i]`` up to its own slot.
+    The cache ``[pages, rows, kv_heads, capacity, head_dim]`` is a paged pool of one page of ``capacity``
+    positions per (page, row). A chunk whose rows hold contiguous slots goes to the chunk kernel; one
+    token per row, or slots that are not contiguous (a shared step reads loop 0's page at the positions
+    of the routed tokens), to the decode kernel, one query per token with its own page and length.
     """
-    steps, batch = cache.k.shape[:2]
-    pool_k, pool_v = (c.view(steps * batch, *c.shape[2:]) for c in (cache.k, cache.v))
-    arange = torch.arange(batch, device=q.device)
-    row_page = step * batch + arange  # works for an int step and for a per-row [B] step tensor
-    if chunk.width == 1:  # decode: one query per row
-        return kernels.paged_decode_attention(q, pool_k, pool_v, row_page[chunk.rows, None], chunk.slots + 1)
-    counts = torch.bincount(chunk.rows, minlength=batch)
-    starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # packed tokens are row-major
-    lengths = torch.where(counts > 0, chunk.slots[(starts[1:] - 1).clamp(min=0)] + 1, 0)
-    return kernels.paged_chunk_attention(q, pool_k, pool_v, row_page[:, None], lengths, starts)
+    pages, rows = cache.k.shape[:2]
+    pool_k, pool_v = (c.view(pages * rows, *c.shape[2:]) for c in (cache.k, cache.v))
+    page = cache.pages(step)
+    token_page = page * rows + chunk.rows  # an int page or one per token
+    if isinstance(token_page, int):
+        token_page = torch.full_like(chunk.rows, token_page)
+    contiguous = isinstance(step, int) and cache._owns[step]
+    if chunk.width == 1 or not contiguous:
+        return kernels.paged_decode_attention(q, pool_k, pool_v, token_page[:, None], chunk.slots + 1)
+    last = chunk.first + torch.bincount(chunk.local, minlength=chunk.batch_size) - 1
+    starts = torch.cat([chunk.first, chunk.first.new_tensor([chunk.num_tokens])])
+    return kernels.paged_chunk_attention(q, pool_k, pool_v, token_page[chunk.first][:, None], chunk.slots[last] + 1,
+                                         starts)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query per row: ``q`` ``[n, heads, D]``, keys/values ``[n, kv_heads, kv_len, D]``, ``mask``
+    ``[n, 1, 1, kv_len]`` -> ``[n, heads, D]``. Grouped-query heads share their KV head's keys."""
+    n, heads, dim = q.shape
+    kv_heads = keys.shape[1]
+    qg = q.view(n, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)) * (dim ** -0.5)  # [n, kv_heads, group, kv_len]
+    scores = scores.masked_fill(~mask.view(n, 1, 1, -1), float("-inf"))
+    return torch.matmul(scores.softmax(-1), values).view(n, heads, dim)
 
 
 def rope_inverse_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
@@ -254,19 +381,22 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
     def project(self, x, rope, delta: StepDelta | None = None):
-        q = project(self.q_proj, "q_proj", x, delta).view(*x.shape[:-1], self.num_heads, self.head_dim)
-        return (apply_rotary(q, *rope), *self.project_kv(x, rope, delta))
+        q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], ["q_proj", "k_proj", "v_proj"], x, delta)
+        q = q.view(*x.shape[:-1], self.num_heads, self.head_dim)
+        k = k.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
 
     def project_kv(self, x, rope, delta: StepDelta | None = None):
         """Keys (rotated) and values only: what a token leaves in the cache."""
+        k, v = project_many([self.k_proj, self.v_proj], ["k_proj", "v_proj"], x, delta)
         shape = x.shape[:-1]
-        k = project(self.k_proj, "k_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
-        v = project(self.v_proj, "v_proj", x, delta).view(*shape, self.num_kv_heads, self.head_dim)
-        return apply_rotary(k, *rope), v
+        k = k.view(*shape, self.num_kv_heads, self.head_dim)
+        return apply_rotary(k, *rope), v.view(*shape, self.num_kv_heads, self.head_dim)
 
-    def forward(self, x, rope, cache: KVCache | None = None, step: int = 0, chunk: Chunk | None = None,
-                delta: StepDelta | None = None):
-        """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache)."""
+    def forward(self, x, rope, cache: KVCache | None = None, step: int | torch.Tensor = 0,
+                chunk: Chunk | None = None, delta: StepDelta | None = None):
+        """``x``: ``[B, T, d]`` (no cache, causal) or packed ``[N, d]`` tokens of ``chunk`` (with a cache);
+        ``step``: the depth step whose cache the tokens use (an int, or one per token)."""
         q, k, v = self.project(x, rope, delta)
         gqa = self.num_heads != self.num_kv_heads
         if cache is None:
@@ -278,9 +408,12 @@ class Attention(nn.Module):
                 return project(self.o_proj, "o_proj", _paged_attention(q, cache, step, chunk).reshape(
                     *x.shape[:-1], -1), delta)
             keys, values = cache.read(step, chunk)
-            q = chunk.unpack(q).transpose(1, 2)  # [B, heads, width, head_dim]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
-            out = chunk.pack(out.transpose(1, 2))
+            if chunk.width == 1 and FAST.enabled and FAST.decode_attention:
+                out = decode_attention(q, keys, values, chunk.attn_mask)
+            else:
+                q = chunk.unpack(q).transpose(1, 2)  # [n, heads, width, head_dim]
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.attn_mask, enable_gqa=gqa)
+                out = chunk.pack(out.transpose(1, 2))
         return project(self.o_proj, "o_proj", out.reshape(*x.shape[:-1], -1), delta)
 
 
@@ -295,7 +428,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x, delta: StepDelta | None = None):
-        gate, up = project(self.gate_proj, "gate_proj", x, delta), project(self.up_proj, "up_proj", x, delta)
+        gate, up = project_many([self.gate_proj, self.up_proj], ["gate_proj", "up_proj"], x, delta)
         return project(self.down_proj, "down_proj", kernels.silu_mul(gate, up), delta)
 
 
@@ -353,44 +486,68 @@ class Decoder(nn.Module):
         """Depth step ``step`` on ``h``: ``[B, T, d]`` without a cache, or packed ``[N, d]`` addressed by ``chunk``."""
         return self.layers[self.plan[step]](h, rope, cache, step, chunk, self.delta(step))
 
-    def run_shared_layer(self, layer: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk,
-                         steps: torch.Tensor) -> torch.Tensor:
-        """Physical ``layer`` on rows that are at different depth steps (``steps``: ``[B]``, per cache row).
+    def run_layer(self, layer: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk,
+                  steps: int | torch.Tensor) -> torch.Tensor:
+        """Physical ``layer`` on packed tokens that may be at different depth steps (``steps``: an int, or
+        one per token).
 
-        Each row reads and writes the KV cache of its own step: tokens at different recursion loops
+        Each token reads and writes the KV cache of its own step: tokens at different recursion loops
         share one batch through the shared weights (continuous depth-wise batching). Per-step deltas
         (LoRA relaxation, own norms) are applied per token: one multi-LoRA projection (``RowDeltas``).
         """
-        delta = None
-        if len(self.step_deltas):
-            token_steps = steps[chunk.rows].tolist()
-            present = sorted(set(token_steps))
-            if any(str(s) in self.step_deltas for s in present):
-                index = {s: i for i, s in enumerate(present)}
-                delta = RowDeltas(self.layers[layer], [self.delta(s) for s in present],
-                                  torch.tensor([index[s] for s in token_steps], device=h.device))
+        if isinstance(steps, int):
+            delta = self.delta(steps)
+        else:
+            delta = RowDeltas.for_steps(self, layer, steps) if len(self.step_deltas) else None
         return self.layers[layer](h, rope, cache, steps, chunk, delta)
 
     def delta(self, step: int) -> StepDelta | None:
         return self.step_deltas[str(step)] if str(step) in self.step_deltas else None
 
-    def propagate_state(self, step: int | list[int], h: torch.Tensor, rope, cache: KVCache, chunk: Chunk) -> None:
-        """CALM's state propagation: a token that exited before ``step`` still gets this step's KV,
-        computed from its exited hidden state ``h``, so later tokens find a complete cache.
+    def propagate(self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, skipped: torch.Tensor,
+                  cache: KVCache) -> int:
+        """CALM's state propagation: tokens that left early still get the KV of the steps they skipped,
+        computed from their exited hidden state ``h`` (``[N, d]``, one token per cache row ``rows``), so
+        later tokens find a complete cache. ``skipped``: ``[N, steps]`` bool.
 
-        A list of steps must run one physical layer with no per-step delta (the loops of a tied
-        recursive block): their K/V are identical, so they are computed once and written to each."""
-        steps = [step] if isinstance(step, int) else list(step)
-        layer, delta = self.layers[self.plan[steps[0]]], self.delta(steps[0])
-        if len(steps) > 1 and any(self.plan[s] != self.plan[steps[0]] or self.delta(s) is not None for s in steps):
-            raise ValueError(f"steps {steps} do not share one layer without deltas; propagate them one by one")
-        k, v = layer.self_attn.project_kv(norm(layer.input_layernorm, "input_layernorm", h, delta), rope, delta)
-        for s in steps:
-            cache.write(s, k, v, chunk)
+        Batched per physical layer: the steps of one layer without per-step deltas (the loops of a tied
+        recursive block) have identical K/V, so they are computed once, for every token that skipped any
+        of them, and written to each. Returns the number of K/V projection passes (for the cost model)."""
+        if len(torch.unique(rows)) != len(rows):
+            raise ValueError("propagate takes one token per cache row")
+        rope = self.rope(positions)
+        passes = 0
+        for layer_index in range(len(self.layers)):
+            steps = [s for s in range(self.num_steps) if self.plan[s] == layer_index]
+            groups = [[s for s in steps if self.delta(s) is None]] + [[s] for s in steps if self.delta(s) is not None]
+            for group in groups:
+                if not group:
+                    continue
+                need = skipped[:, group]
+                tokens = need.any(1).nonzero().squeeze(1)
+                if len(tokens) == 0:
+                    continue
+                layer, delta = self.layers[layer_index], self.delta(group[0])
+                x = norm(layer.input_layernorm, "input_layernorm", h[tokens], delta)
+                k, v = layer.self_attn.project_kv(x, (rope[0][tokens], rope[1][tokens]), delta)
+                passes += 1
+                for j, s in enumerate(group):
+                    m = need[tokens, j]
+                    if bool(m.all()):
+                        r = rows[tokens]
+                        cache.put(s, r, cache.length(s, r), k, v)
+                    elif bool(m.any()):
+                        r = rows[tokens][m]
+                        cache.put(s, r, cache.length(s, r), k[m], v[m])
+        return passes
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
-        return self.lm_head(self.norm(h))
+        x = self.norm(h)
+        if FAST.enabled and FAST.head_transposed_min_rows is not None and x.dim() == 2 and \
+                x.shape[0] >= FAST.head_transposed_min_rows and not torch.is_grad_enabled():
+            return torch.mm(self.lm_head.weight, x.T).T
+        return self.lm_head(x)
 
     def forward(self, input_ids: torch.Tensor, return_hidden: bool = False):
         """Full-depth causal forward pass without a cache: logits ``[B, T, vocab]``.
@@ -420,7 +577,7 @@ class Decoder(nn.Module):
         """``model.safetensors`` in ``directory`` (created); a tied LM head is stored once, as the embedding."""
         from safetensors.torch import save_file
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}  # fused views share storage
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
         save_file(state, str(directory / "model.safetensors"), metadata=metadata)

@@ -11,12 +11,10 @@ Two paths, one model:
   that take it (causal order) and attends with a mask: **recursion-wise** caching lets a token at
   loop r see only earlier tokens that also reached loop r; **recursive KV sharing** lets it see loop
   0's keys/values of every earlier token (loop 0 writes, deeper loops only read).
-- ``run_step`` / ``run_shared_layer`` with a ``KVCache``: decoding, driven by the existing engines
-  (``generate_ids`` with :class:`RoutedDepth` for static batching, ``cdb_generate`` with
-  :class:`RoutedExit` for continuous depth-wise batching). Decisions are causal: expert-choice uses
+- decoding: the one engine with the :class:`~mor_lab.engine.policies.RoutedDepth` policy, in static or
+  continuous mode (continuous depth-wise batching). Decisions are causal: expert-choice uses
   ``router logit > threshold`` (0 <=> sigmoid > 0.5, what the auxiliary BCE loss trains), token-choice
-  its top-1 depth. Recursion-wise caching keeps, per row, a compacted cache per loop (loop r holds only
-  the tokens that reached it); KV sharing points deeper loops at loop 0's cache.
+  its top-1 depth. Recursion-wise caching and recursive KV sharing are ``KVCache`` layouts.
 
 Given the same routing decisions (``loops``: recursions per token), both paths give the same logits
 (tested), so what a router learned in training is what runs at decode time, up to the top-k vs
@@ -24,7 +22,6 @@ threshold difference that :func:`topk_agreement` measures.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -33,10 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine.loops import LoopStructure
-from ..engine.policy import Decision, DepthPolicy, SubStep, run_steps
-from ..engine.trace import IDLE
-from ..models.cache import Chunk, KVCache
+from ..engine.plan import LoopStructure
 from ..models.config import DictConfig, ModelConfig
 from ..models.decoder import Decoder
 from ..train.losses import cross_entropy
@@ -117,71 +111,6 @@ def masked_layer(layer, h: torch.Tensor, rope, mask: torch.Tensor, kv=None):
     return h + layer.mlp(layer.post_attention_layernorm(h)), (k, v)
 
 
-def chunk_of(rows: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, batch_size: int) -> Chunk:
-    """A chunk for packed tokens (``rows`` ascending) written to arbitrary ``slots``: each sees its row's
-    slots ``<= `` its own. Loop r's tokens of a prefill are not contiguous in the full cache, but are
-    contiguous in a recursion-wise (compacted) cache."""
-    counts = torch.bincount(rows, minlength=batch_size)
-    cols = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
-    width = max(1, int(counts.max()))
-    kv_len = max(1, int(slots.max()) + 1) if len(slots) else 1
-    query_slots = torch.zeros(batch_size, width, dtype=torch.long, device=rows.device)
-    query_slots[rows, cols] = slots
-    attn_mask = (torch.arange(kv_len, device=rows.device)[None, None, :] <= query_slots[:, :, None])[:, None]
-    return Chunk(rows=rows, cols=cols, slots=slots, positions=positions, batch_size=batch_size, width=width,
-                 kv_len=kv_len, attn_mask=attn_mask, dense=bool((counts == width).all()))
-
-
-class SharedKV:
-    """Recursive KV sharing on top of a ``KVCache``: only loop 0 writes, deeper loops read loop 0's step."""
-
-    def __init__(self, cache: KVCache, structure: LoopStructure):
-        self.cache, self.structure = cache, structure
-
-    def first_loop(self, step):
-        st = self.structure
-        if isinstance(step, int):
-            inside = st.prelude <= step < st.prelude + st.loops * st.block
-            return st.prelude + (step - st.prelude) % st.block if inside else step
-        inside = (step >= st.prelude) & (step < st.prelude + st.loops * st.block)
-        return torch.where(inside, st.prelude + (step - st.prelude) % st.block, step)
-
-    def write(self, step, k, v, chunk: Chunk) -> None:
-        if isinstance(step, int):
-            if self.first_loop(step) == step:
-                self.cache.write(step, k, v, chunk)
-            return
-        owner = (self.first_loop(step) == step)[chunk.rows]
-        rows, slots = chunk.rows[owner], chunk.slots[owner]
-        self.cache.k[step[rows], rows, :, slots] = k[owner]
-        self.cache.v[step[rows], rows, :, slots] = v[owner]
-
-    def read(self, step, chunk: Chunk):
-        return self.cache.read(self.first_loop(step), chunk)
-
-
-class DecodeState:
-    """Routing state of one generation, kept on its ``KVCache`` (``cache.mor_state``).
-
-    ``loop_len[r, b]``: tokens of row b in loop r's compacted cache (recursion-wise caching);
-    token-choice's per-row depth, gate and loop input (continuous depth-wise batching); the current
-    packed pass (prefill / static decode step) and block pass (CDB)."""
-
-    def __init__(self, cache: KVCache, num_recursions: int, hidden_size: int):
-        b, device = cache.batch_size, cache.k.device
-        self.loop_len = torch.zeros(num_recursions, b, dtype=torch.long, device=device)
-        self.depth = torch.ones(b, dtype=torch.long, device=device)
-        self.gate = torch.zeros(b, dtype=cache.k.dtype, device=device)
-        self.x = torch.zeros(b, hidden_size, dtype=cache.k.dtype, device=device)
-        self.pass_: dict = {}
-        self.block: dict = {}
-
-    def keep_rows(self, rows) -> None:
-        rows = torch.as_tensor(rows, device=self.loop_len.device)
-        self.loop_len, self.depth, self.gate, self.x = (self.loop_len[:, rows], self.depth[rows], self.gate[rows],
-                                                        self.x[rows])
-
-
 class MoRModel(Decoder):
     """A member of the family (``MoRConfig.kind``): a ``Decoder`` with routers and a routed forward pass."""
 
@@ -194,9 +123,6 @@ class MoRModel(Decoder):
         d, n = config.model.hidden_size, config.num_recursions
         self.router = (ExpertChoiceRouter(config.router, d, n) if config.kind == "expert" else
                        TokenChoiceRouter(config.router, d, n) if config.kind == "token" else None)
-        self.forced_loops: torch.Tensor | None = None  # [B, T]: decode with these decisions (tests, analysis)
-        self.last_state: DecodeState | None = None
-        self._last_block = None
         self._init_weights(config.init_std)
 
     @torch.no_grad()
@@ -308,160 +234,6 @@ class MoRModel(Decoder):
         return h, routing, aux
 
     # ---------------------------------------------------------------------------------------------
-    # Decoding: the engines call run_step (packed passes: prefill, static decode steps) and
-    # run_shared_layer (continuous depth-wise batching) with a KVCache.
-    def state(self, cache: KVCache) -> DecodeState:
-        state = getattr(cache, "mor_state", None)
-        if state is None:
-            state = cache.mor_state = DecodeState(cache, self.num_recursions, self.config.hidden_size)
-        self.last_state = state
-        return state
-
-    def _loop_of(self, step: int):
-        st = self.structure
-        if st is None or not st.prelude <= step < st.prelude + st.loops * st.block:
-            return None
-        return divmod(step - st.prelude, st.block)
-
-    def _kv(self, cache):
-        return SharedKV(cache, self.structure) if self.mor.kv_scheme == "share" else cache
-
-    def _attention_backend(self):
-        """KV sharing reads another step's cache through ``KVCache.read``: the PyTorch attention path."""
-        if self.mor.kv_scheme != "share":
-            return contextlib.nullcontext()
-        from .. import kernels
-        return kernels.use("reference")
-
-    def continues(self, loop, h, rows, positions, depth) -> torch.Tensor:
-        """Decode-time decision: does each token (loop index ``loop``, int or per token) take that loop?"""
-        if self.forced_loops is not None:
-            return self.forced_loops[rows, positions] > loop
-        if self.kind == "expert":
-            return self.router.decide(loop, h)
-        if self.kind == "token":
-            return depth > loop
-        return torch.ones(len(h), dtype=torch.bool, device=h.device)
-
-    def _route_tokens(self, h, rows, positions):
-        """Token-choice at loop 0: (loops, gate) per token (forced loops override the choice)."""
-        forced = None if self.forced_loops is None else self.forced_loops[rows, positions] - 1
-        _, _, depth, gate = self.router.route(h, forced)
-        return depth + 1, gate
-
-    def _loop_chunk(self, state, loop, rows, slots, positions, batch_size) -> Chunk:
-        if self.mor.kv_scheme == "recursion":  # compacted: loop r's cache holds only the tokens that reached it
-            counts = torch.bincount(rows, minlength=batch_size)
-            cols = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
-            slots = state.loop_len[loop, rows] + cols
-        return chunk_of(rows, slots, positions, batch_size)
-
-    def run_step(self, step: int, h: torch.Tensor, rope, cache: KVCache | None = None,
-                 chunk: Chunk | None = None) -> torch.Tensor:
-        where = self._loop_of(step)
-        if cache is None or where is None:
-            return super().run_step(step, h, rope, cache, chunk)
-        loop, j = where
-        state = self.state(cache)
-        if j == 0:
-            self._enter_loop(state, loop, h, rope, chunk)
-        p = state.pass_
-        a = p["active"]
-        if not bool(a.any()):
-            return h
-        with self._attention_backend():
-            out = super().run_step(step, h[a], p["rope"], self._kv(cache), p["chunk"])
-        if j == self.structure.block - 1:
-            out = self._leave_loop(out, p["h_in"], p.get("gate"), p["loops"][a] == loop + 1,
-                                   p.get("x"), p.get("tgate"), a)
-            if self.mor.kv_scheme == "recursion":
-                state.loop_len[loop] += torch.bincount(chunk.rows[a], minlength=chunk.batch_size)
-        h = h.clone()
-        h[a] = out
-        return h
-
-    def _enter_loop(self, state, loop, h, rope, chunk) -> None:
-        """A packed pass reaches loop ``loop``: decide who takes it and address its cache."""
-        if loop == 0:
-            new = chunk.rows[(chunk.cols == 0) & (chunk.slots == 0)]  # a sequence starting at slot 0 is new
-            state.loop_len[:, new] = 0
-            p = state.pass_ = {"active": torch.ones(len(h), dtype=torch.bool, device=h.device),
-                               "loops": torch.full((len(h),), self.num_recursions, device=h.device), "x": h}
-            if self.kind == "token":
-                p["loops"], p["tgate"] = self._route_tokens(h, chunk.rows, chunk.positions)
-            ran = torch.zeros(len(h), dtype=torch.long, device=h.device)
-        else:
-            p = state.pass_
-            p["active"] = p["active"] & self.continues(loop, h, chunk.rows, chunk.positions, p["loops"])
-            ran = p["ran"]
-        a = p["active"]
-        p["ran"] = ran + a.long()
-        if self.kind != "token":
-            p["loops"] = p["ran"]
-        p["h_in"] = h[a]
-        if self.kind == "expert":
-            p["gate"] = self.router.gate(self.router.logits(loop, h[a]))
-        p["rope"] = (rope[0][a], rope[1][a])
-        p["chunk"] = self._loop_chunk(state, loop, chunk.rows[a], chunk.slots[a], chunk.positions[a],
-                                      chunk.batch_size)
-
-    def _leave_loop(self, out, h_in, gate, last, x, tgate, a):
-        """End of a loop: expert-choice gates the block (``h + g * Block(h)``); token-choice adds
-        ``x + g * h`` after a token's last loop."""
-        if self.kind == "expert":
-            return h_in + gate[:, None] * out
-        if self.kind == "token":
-            return torch.where(last[:, None], x[a] + tgate[a][:, None] * out, out)
-        return out
-
-    def run_shared_layer(self, layer: int, h: torch.Tensor, rope, cache: KVCache, chunk: Chunk,
-                         steps: torch.Tensor) -> torch.Tensor:
-        """One shared layer on rows at different loops (CDB): routing gates and cache addressing per row."""
-        st = self.structure
-        j = layer - st.prelude
-        state = self.state(cache)
-        rows = chunk.rows
-        if j == 0:
-            loops = (steps[rows] - st.prelude) // st.block
-            b = state.block = {"loops": loops, "h_in": h}
-            if self.kind == "expert":
-                b["gate"] = self.router.gate(self.router.logits(loops, h))
-            if self.kind == "token":
-                first = loops == 0
-                if bool(first.any()):
-                    depth, gate = self._route_tokens(h[first], rows[first], chunk.positions[first])
-                    state.depth[rows[first]], state.gate[rows[first]], state.x[rows[first]] = depth, gate, h[first]
-            b["chunk"] = self._loop_chunk(state, loops, rows, chunk.slots, chunk.positions, chunk.batch_size)
-        b = state.block
-        with self._attention_backend():
-            out = super().run_shared_layer(layer, h, rope, self._kv(cache), b["chunk"], steps)
-        if j == st.block - 1:
-            everyone = torch.ones(len(rows), dtype=torch.bool, device=h.device)
-            out = self._leave_loop(out, b["h_in"], b.get("gate"), state.depth[rows] == b["loops"] + 1,
-                                   state.x[rows], state.gate[rows], everyone)
-            if self.mor.kv_scheme == "recursion":
-                state.loop_len[b["loops"], rows] += 1
-            self._last_block = (state, rows, chunk.positions)
-        return out
-
-    def propagate_state(self, step, h, rope, cache, chunk) -> None:
-        """No state propagation into loops: a token that skipped loop r has no KV there (recursion-wise
-        caching), or reads loop 0's (sharing). ``step``: one step or a list sharing a layer."""
-        steps = [step] if isinstance(step, int) else list(step)
-        outside = [s for s in steps if self._loop_of(s) is None]
-        if outside:
-            super().propagate_state(outside if len(outside) > 1 else outside[0], h, rope, cache, chunk)
-
-    @contextlib.contextmanager
-    def forced_routing(self, loops: torch.Tensor):
-        """Decode with given decisions: ``loops[row, position]`` recursions per token (tests, analysis)."""
-        previous, self.forced_loops = self.forced_loops, loops
-        try:
-            yield self
-        finally:
-            self.forced_loops = previous
-
-    # ---------------------------------------------------------------------------------------------
     # FLOPs and memory.
     def layer_flops(self) -> int:
         """Matmul FLOPs of one layer per token (2 x parameters)."""
@@ -551,57 +323,29 @@ class MoRModel(Decoder):
 
 
 # -------------------------------------------------------------------------------------------------
-# The engines' view: a static-batching depth policy and a CDB exit rule.
-class RoutedDepth(DepthPolicy):
-    """Static batching for a MoR model: every decode step runs the routed pass over the whole batch;
-    a loop runs the rows the router sends there, the step ends with the deepest row."""
-
-    name = "mor_static"
-
-    def decode(self, x, lengths, cache, t, record=False) -> Decision:
-        model, n = self.model, self.model.num_recursions
-        h, _ = run_steps(model, x, range(model.num_steps), cache, Chunk.decode(lengths))
-        loops = model.state(cache).pass_["loops"].tolist() if model.structure is not None else [1] * len(x)
-        substeps = [SubStep(f"loop {r}", [f"loop {r}" if k > r else IDLE for k in loops], sum(k > r for k in loops))
-                    for r in range(n)]
-        steps = ([model.structure.steps_for(k) for k in loops] if model.structure
-                 else [list(range(model.num_steps))] * len(x))
-        return Decision(model.head(h), steps, None, substeps)
-
-    def keep_rows(self, rows: list[int]) -> None:
-        if self.model.last_state is not None:
-            self.model.last_state.keep_rows(rows)
-
-
-class RoutedExit:
-    """The CDB exit rule of a MoR model: after each loop, the router says whether the token goes on."""
-
-    def __call__(self, model, h, seqs, tokens, loops_done) -> list[bool]:
-        state, rows, positions = model._last_block
-        done = torch.tensor(loops_done, device=h.device)
-        go_on = model.continues(done, h, rows, positions, state.depth[rows])
-        return ((~go_on) | (done >= model.num_recursions)).tolist()
-
-
-# -------------------------------------------------------------------------------------------------
 # Decode-time routing on given text, and its agreement with training-time top-k.
 @torch.inference_mode()
-def decode_routing(model: MoRModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` recursions per token when the text is decoded (causal decisions; a packed prefill
-    decides every token exactly as token-by-token decoding would)."""
+def decode_routing(model: MoRModel, input_ids: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` recursions per token when the text is decoded (causal decisions, through the engine's
+    routed policy; a packed prefill decides every token exactly as token-by-token decoding would).
+    ``forced``: ``[B, T]`` decisions to decode with instead of the routers' (a check of the plumbing)."""
+    from ..engine.generate import generate_ids
+    from ..engine.policies import RoutedDepth
     B, T = input_ids.shape
-    cache = KVCache.for_model(model, B, T)
-    lengths = torch.full((B,), T, device=input_ids.device)
-    run_steps(model, model.embed(input_ids.reshape(-1)), range(model.num_steps), cache, Chunk.prefill(lengths))
-    return model.state(cache).pass_["loops"].view(B, T)
+    if model.structure is None:
+        return torch.ones(B, T, dtype=torch.long, device=input_ids.device)
+    policy = RoutedDepth(forced=forced, record=True)
+    generate_ids(model, input_ids.tolist(), 1, policy=policy, eos_token_ids=[])
+    return policy.loops_per_token(B, T).to(input_ids.device)
 
 
 @torch.inference_mode()
-def topk_agreement(model: MoRModel, input_ids: torch.Tensor) -> dict:
+def topk_agreement(model: MoRModel, input_ids: torch.Tensor, forced: torch.Tensor | None = None) -> dict:
     """How often decode-time routing (threshold / token-choice top-1, causal) matches the training-time
-    decisions (top-k over the whole sequence) on the same text: per recursion, and whole depths."""
+    decisions (top-k over the whole sequence) on the same text: per recursion, and whole depths.
+    ``forced``: decode with these decisions instead (agreement 1 when they are the training ones)."""
     train = model(input_ids).routing.loops
-    decode = decode_routing(model, input_ids)
+    decode = decode_routing(model, input_ids, forced)
     per_loop = [float(((train > r) == (decode > r)).float().mean()) for r in range(1, model.num_recursions)]
     return {"per_loop": per_loop, "depth": float((train == decode).float().mean()),
             "train_mean_loops": float(train.float().mean()), "decode_mean_loops": float(decode.float().mean()),
