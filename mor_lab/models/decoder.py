@@ -86,23 +86,18 @@ def fused_weight(linears: list[nn.Linear]) -> torch.Tensor | None:
     they have biases. Rebuilt when a parameter moved (``.to()``, a new Parameter)."""
     if any(l.bias is not None for l in linears):
         return None
-    first = linears[0].weight
+    pointers = tuple(l.weight.data_ptr() for l in linears)
     cached = getattr(linears[0], "_fused_with", None)
-    if cached is not None and cached.data_ptr() == first.data_ptr() and cached.dtype == first.dtype and \
-            cached.device == first.device and all(
-                l.weight.data_ptr() == cached[o:].data_ptr() for l, o in zip(linears, _offsets(linears))):
-        return cached
+    if cached is not None and cached[1] == pointers and cached[0].dtype == linears[0].weight.dtype:
+        return cached[0]
     with torch.no_grad():
         fused = torch.cat([l.weight.detach() for l in linears])
-        for l, o in zip(linears, _offsets(linears)):
-            l.weight.data = fused[o:o + l.weight.shape[0]]
-    linears[0]._fused_with = fused
+        offset = 0
+        for l in linears:
+            l.weight.data = fused[offset:offset + l.weight.shape[0]]
+            offset += l.weight.shape[0]
+    linears[0]._fused_with = (fused, tuple(l.weight.data_ptr() for l in linears))
     return fused
-
-
-def _offsets(linears: list[nn.Linear]) -> list[int]:
-    sizes = [l.weight.shape[0] for l in linears]
-    return [sum(sizes[:i]) for i in range(len(sizes))]
 
 
 class RMSNorm(nn.Module):
@@ -176,12 +171,12 @@ def project(module: nn.Linear, name: str, x: torch.Tensor, delta: StepDelta | No
     return linear(x, module.weight, module.bias) if delta is None else delta.project(name, module, x)
 
 
-def project_many(modules: list[nn.Linear], names: list[str], x: torch.Tensor, delta) -> list[torch.Tensor]:
-    """Several projections of the same input: one fused matmul on the engine's fast path (inference, no
-    LoRA on them), else one each."""
-    if FAST.enabled and FAST.fused and x.dim() == 2 and not torch.is_grad_enabled() and (
+def project_many(modules: list[nn.Linear], names: list[str], x: torch.Tensor, delta, fused=None) -> list[torch.Tensor]:
+    """Several projections of the same input: one matmul over ``fused`` (their weights stacked, see
+    :func:`fused_weight`) on the engine's fast path (inference, no LoRA on them), else one each."""
+    if fused is not None and FAST.enabled and FAST.fused and x.dim() == 2 and not torch.is_grad_enabled() and (
             delta is None or not delta.touches(names)):
-        weight = fused_weight(modules)
+        weight = fused()
         if weight is not None:
             return list(linear(x, weight).split([m.weight.shape[0] for m in modules], dim=-1))
     return [project(m, n, x, delta) for m, n in zip(modules, names)]
@@ -380,15 +375,23 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.attention_bias)
 
+    def fused_qkv(self) -> torch.Tensor | None:
+        return fused_weight([self.q_proj, self.k_proj, self.v_proj])
+
+    def fused_kv(self) -> torch.Tensor | None:
+        qkv = self.fused_qkv()
+        return None if qkv is None else qkv[self.q_proj.out_features:]
+
     def project(self, x, rope, delta: StepDelta | None = None):
-        q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], ["q_proj", "k_proj", "v_proj"], x, delta)
+        q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], ["q_proj", "k_proj", "v_proj"], x, delta,
+                               self.fused_qkv)
         q = q.view(*x.shape[:-1], self.num_heads, self.head_dim)
         k = k.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
 
     def project_kv(self, x, rope, delta: StepDelta | None = None):
         """Keys (rotated) and values only: what a token leaves in the cache."""
-        k, v = project_many([self.k_proj, self.v_proj], ["k_proj", "v_proj"], x, delta)
+        k, v = project_many([self.k_proj, self.v_proj], ["k_proj", "v_proj"], x, delta, self.fused_kv)
         shape = x.shape[:-1]
         k = k.view(*shape, self.num_kv_heads, self.head_dim)
         return apply_rotary(k, *rope), v.view(*shape, self.num_kv_heads, self.head_dim)
@@ -428,7 +431,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x, delta: StepDelta | None = None):
-        gate, up = project_many([self.gate_proj, self.up_proj], ["gate_proj", "up_proj"], x, delta)
+        gate, up = project_many([self.gate_proj, self.up_proj], ["gate_proj", "up_proj"], x, delta,
+                                lambda: fused_weight([self.gate_proj, self.up_proj]))
         return project(self.down_proj, "down_proj", kernels.silu_mul(gate, up), delta)
 
 
