@@ -240,12 +240,12 @@ def test_layerwise_distillation_variants(shallow, transformed):
     stack = [torch.randn(2, 5, d, requires_grad=True) for _ in range(L + 1)]  # mor_lab's return_hidden stack
     norm = torch.nn.RMSNorm(d, elementwise_affine=False)
     transform = torch.nn.Linear(d, d) if transformed else None
-    normed = [norm(h) for h in stack[1:]]  # the reference's all_hidden_states
     layer_map = TEACHER_LAYERS[L][shallow]
     cases = {"unif": losses.hidden_mse(stack, layer_map, norm=norm, transform=transform),
              "last": losses.hidden_mse_last(stack, shallow, norm=norm, transform=transform),
              "dyna": losses.hidden_mse_dyna(stack, layer_map, norm=norm, transform=transform)}
     for kind, ours in cases.items():
+        normed = [norm(h) for h in stack[1:]]  # the reference's all_hidden_states
         reference = reference_kd(kind, normed, shallow, L, transform)
         torch.testing.assert_close(ours, reference)
         grads = torch.autograd.grad(ours, stack, allow_unused=True)
