@@ -351,9 +351,16 @@ def test_flops_accounting():
     assert vanilla.forward_flops(None, T) == pytest.approx(11 * per_layer + head)
     assert rec.forward_flops(None, T) == pytest.approx(11 * per_layer + head)  # 1 + 3 x 3 + 1 steps
     expected = mor.forward_flops(mor.expected_loops(T), T)
-    # loops run on 30, 20, 10 tokens: 2 + 3 x 2 full-length layers of matmuls
+    # loops run on 30, 20, 10 tokens (3 shared layers each); attention among the tokens of each loop
+    attn = 4 * dims.num_heads * dims.head_dim
+    loops = sum(3 * (n * vanilla.layer_flops() + n * (n + 1) / 2 * attn) for n in (30, 20, 10))
+    router = T * 3 * 2 * dims.hidden_size  # one Linear(d, 1) per recursion, on every token
+    assert expected == pytest.approx(2 * per_layer + loops + head + router)
     assert expected < rec.forward_flops(None, T)
     assert mor.train_flops_per_token(T) == pytest.approx(3 * expected / T)
+    mlp = MoRModel(MoRConfig(dims, kind="expert", num_recursions=3, router=RouterConfig(arch="mlp")))
+    d = dims.hidden_size
+    assert mlp.forward_flops(mor.expected_loops(T), T) - expected == pytest.approx(T * 3 * 2 * (2 * d * d + 2 * d - d))
 
 
 # --- benchmark ------------------------------------------------------------------------------------------
