@@ -21,7 +21,7 @@ ROUTED = [(k, s) for k in ("expert", "token") for s in ("recursion", "share")]
 
 
 def make(kind="expert", scheme="recursion", n=3, std=0.3, **router):
-    router = RouterConfig(init_std=1.0, **router)
+    router = RouterConfig(**{"init_std": 1.0, **router})
     return MoRModel(MoRConfig(DIMS, kind=kind, num_recursions=n, kv_scheme=scheme, router=router,
                               init_std=std)).double().eval()
 
@@ -31,9 +31,13 @@ def test_capacity_schedule_and_warmup():
     assert default_capacity(3) == [1, 2 / 3, 1 / 3]
     assert [topk_count(c, 12) for c in default_capacity(3)] == [12, 8, 4]
     assert topk_count(0.01, 10) == 1
-    assert capacity_schedule([1, 0.5], step=0, warmup_steps=10) == [1, 1]
-    assert capacity_schedule([1, 0.5], step=5, warmup_steps=10) == pytest.approx([1, 0.75])
+    # steps are 0-based; the first is already 1/W into the warm-up (the reference counts from 1)
+    assert capacity_schedule([1, 0.5], step=0, warmup_steps=10) == pytest.approx(
+        [1, 0.5 + 0.25 * (1 + math.cos(math.pi / 10))])
+    assert capacity_schedule([1, 0.5], step=4, warmup_steps=10) == pytest.approx([1, 0.75])
+    assert capacity_schedule([1, 0.5], step=9, warmup_steps=10) == [1, 0.5]
     assert capacity_schedule([1, 0.5], step=50, warmup_steps=10) == [1, 0.5]
+    assert capacity_schedule([1, 0.5], step=None, warmup_steps=10) == [1, 0.5]  # evaluation: the targets
 
 
 def test_hierarchical_topk_keeps_capacity_hierarchy_and_causal_order():
@@ -62,10 +66,14 @@ def test_expert_choice_forward_respects_capacities_and_hierarchy(seq_len):
     logits2 = out.routing.router_logits[2]
     for b in range(3):
         assert logits2[b][loops[b] == 3].min() >= logits2[b][loops[b] == 2].max()
-    # warm-up: at step 0 every token runs every loop
-    assert (model(ids, step=0).routing.loops == 3).all() if model.router.config.warmup_steps else True
-    warm = make("expert", n=3, warmup_steps=10)
-    assert (warm(ids, step=0).routing.loops == 3).all()
+    # no warm-up: the step changes nothing
+    assert torch.equal(model(ids, step=0).routing.loops, loops)
+    # warm-up over 40 steps: early steps send (almost) every token everywhere, then the capacities take over
+    warm = make("expert", n=3, warmup_steps=40)
+    early = warm(ids, step=0).routing
+    assert early.capacities[1] > 0.99 and ((early.loops > 1).sum(-1) == topk_count(early.capacities[1], seq_len)).all()
+    assert (early.loops > 1).float().mean() > 0.9
+    assert torch.equal(warm(ids, step=39).routing.loops, warm(ids).routing.loops)  # the targets from step W - 1
 
 
 def test_expert_losses_bce_z_and_aux_router():
@@ -121,12 +129,20 @@ def test_expert_router_scores_and_decode_rule():
     ("num_recursions", 0, "MoRConfig.num_recursions"), ("num_recursions", 7, "MoRConfig.num_recursions"),
     ("router", RouterConfig(arch="conv"), "RouterConfig.arch"),
     ("router", RouterConfig(capacity=[1, 0.2, 0.5]), "RouterConfig.capacity"),
-    ("router", RouterConfig(capacity=[0.9, 0.5, 0.2]), r"RouterConfig.capacity\[0\]"),
+    ("router", RouterConfig(temperature=0), "RouterConfig.temperature"),
+    ("router", RouterConfig(random=True, aux_router=True), "RouterConfig.random"),
+    ("router", RouterConfig(balance_warmup_steps=5), "RouterConfig.balance_warmup_steps"),
     ("router", RouterConfig(score="softmax"), "RouterConfig.score"),
 ])
 def test_config_validation_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
         MoRConfig(DIMS, **{field: value})
+
+
+def test_capacity_below_one_at_loop_zero_needs_recursion_wise_caching():
+    MoRConfig(DIMS, router=RouterConfig(capacity=[0.9, 0.5, 0.2]))  # recursion-wise: fine
+    with pytest.raises(ValueError, match=r"RouterConfig.capacity\[0\].*kv_scheme='recursion'"):
+        MoRConfig(DIMS, kv_scheme="share", router=RouterConfig(capacity=[0.9, 0.5, 0.2]))
 
 
 # --- KV schemes: training masks == naive reference == decoding cache -----------------------------------
@@ -203,6 +219,37 @@ def test_masks_match_naive_reference_and_the_decoding_cache(kind, scheme):
             assert torch.allclose(logits, out.logits, atol=1e-10)
     # forcing the decisions in training reproduces them exactly
     assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,router", [("expert", {"gated": False}), ("expert", {"score": "raw", "init_std": 0.1}),
+                                         ("expert", {"temperature": 3.0, "arch": "mlp"}), ("token", {"gated": False}),
+                                         ("token", {"temperature": 0.5, "score": "sigmoid"})])
+@torch.no_grad()
+def test_router_options_match_the_naive_reference_and_the_decoding_cache(kind, router):
+    model = make(kind, "recursion", **router)
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(4))
+    out = model(ids)
+    for b in range(3):
+        assert torch.allclose(out.logits[b], naive_mor(model, ids[b], out.routing.loops[b]), atol=1e-10)
+    with model.forced_routing(out.routing.loops):
+        logits, _ = cached_logits(model, ids, 4)
+        assert torch.allclose(logits, out.logits, atol=1e-10)
+
+
+@torch.no_grad()
+def test_capacity_below_one_at_loop_zero_matches_the_naive_reference():
+    """Loop 0 routed too: unselected tokens go from the prelude straight to the coda (training path; decoding
+    such a model is the engine policy's job)."""
+    model = make("expert", capacity=[0.7, 0.5, 0.25])
+    ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(5))
+    out = model(ids)
+    loops = out.routing.loops
+    assert set(loops.flatten().tolist()) == {0, 1, 2, 3}
+    for b in range(3):
+        assert torch.allclose(out.logits[b], naive_mor(model, ids[b], loops[b]), atol=1e-10)
+    assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
+    with pytest.raises(ValueError, match=r"loops must be in 0\.\.3"):
+        model(ids, loops=loops + 2)
 
 
 def test_loops_nobody_takes_are_skipped():
@@ -304,9 +351,16 @@ def test_flops_accounting():
     assert vanilla.forward_flops(None, T) == pytest.approx(11 * per_layer + head)
     assert rec.forward_flops(None, T) == pytest.approx(11 * per_layer + head)  # 1 + 3 x 3 + 1 steps
     expected = mor.forward_flops(mor.expected_loops(T), T)
-    # loops run on 30, 20, 10 tokens: 2 + 3 x 2 full-length layers of matmuls
+    # loops run on 30, 20, 10 tokens (3 shared layers each); attention among the tokens of each loop
+    attn = 4 * dims.num_heads * dims.head_dim
+    loops = sum(3 * (n * vanilla.layer_flops() + n * (n + 1) / 2 * attn) for n in (30, 20, 10))
+    router = T * 3 * 2 * dims.hidden_size  # one Linear(d, 1) per recursion, on every token
+    assert expected == pytest.approx(2 * per_layer + loops + head + router)
     assert expected < rec.forward_flops(None, T)
     assert mor.train_flops_per_token(T) == pytest.approx(3 * expected / T)
+    mlp = MoRModel(MoRConfig(dims, kind="expert", num_recursions=3, router=RouterConfig(arch="mlp")))
+    d = dims.hidden_size
+    assert mlp.forward_flops(mor.expected_loops(T), T) - expected == pytest.approx(T * 3 * 2 * (2 * d * d + 2 * d - d))
 
 
 # --- benchmark ------------------------------------------------------------------------------------------

@@ -294,6 +294,10 @@ def test_merge_unrolls_and_unmerge_inverts():
         torch.testing.assert_close(back(x), merged(x), rtol=0, atol=1e-5)
         low = unmerge(merged, relaxed, conversion.sharing, attn_rank=4, mlp_rank=4)  # the same rank-4 deltas
         torch.testing.assert_close(low(x), relaxed(x), rtol=0, atol=1e-5)
+        scaled = unmerge(merged, relaxed, conversion.sharing, **FULL, lora_scale=2.0)  # B absorbs the scale
+        assert all(m.scale == 2.0 for s in conversion.sharing.steps if s.loop is not None
+                   for m in scaled.delta(s.step).lora.values())
+        torch.testing.assert_close(scaled(x), merged(x), rtol=0, atol=1e-5)
     full = merge(relax(conversion.model, model, conversion.sharing, **FULL))
     for s in conversion.sharing.steps:  # full rank: the unrolled layers are the original layers
         for name, value in full.layers[s.step].state_dict().items():

@@ -69,13 +69,18 @@ def test_mixture_fit_recovers_components_and_weights():
 
 
 def test_degenerate_component_keeps_previous_parameters():
-    # one "wrong" point (too few) and "right" points of zero variance: both keep the initial Betas
-    mix = BetaMixture().fit([0.2, 0.7, 0.7, 0.7], [0, 1, 1, 1])
+    # own points only: one "wrong" point (too few) and "right" points of zero variance keep the initial Betas
+    mix = BetaMixture().fit([0.2, 0.7, 0.7, 0.7], [0, 1, 1, 1], responsibility_floor=0.0)
     assert (mix.a, mix.b) == ([1.0, 2.0], [2.0, 1.0])
     assert mix.weights == pytest.approx([0.25, 0.75])
     # the healthy component still moves when the other one is degenerate
-    mix.fit([0.2, 0.6, 0.7, 0.9], [0, 1, 1, 1])
+    mix.fit([0.2, 0.6, 0.7, 0.9], [0, 1, 1, 1], responsibility_floor=0.0)
     assert mix.a[0] == 1.0 and mix.b[0] == 2.0 and mix.a[1] != 2.0
+    # with the reference's floor the "wrong" point weighs 1e-4 / 0.2 among the "right" ones: no longer zero
+    # variance, a very peaked Beta at 0.7 (mean 0.2 * 1e-4 / 0.2 away from it); the lone point still too few
+    floored = BetaMixture().fit([0.2, 0.7, 0.7, 0.7], [0, 1, 1, 1])
+    assert (floored.a[0], floored.b[0]) == (1.0, 2.0) and floored.a[1] > 1000
+    assert floored.a[1] / (floored.a[1] + floored.b[1]) == pytest.approx(0.7 - 0.5 * 1e-4 / (3 * 0.2 + 1e-4), rel=1e-9)
 
 
 def test_posterior_matches_formula_and_rule_worked_example():
@@ -174,6 +179,8 @@ def test_observe_rejects_mismatched_or_nan():
     ctl = AdaptiveThreshold()
     with pytest.raises(ValueError, match="labels"):
         ctl.observe([0.1, 0.2], [1])
+    with pytest.raises(ValueError, match="unsupervised=True"):
+        ctl.observe([0.1, 0.2])
     with pytest.raises(ValueError, match="confidences"):
         ctl.observe([0.1, float("nan")], [1, 0])
 
@@ -181,8 +188,26 @@ def test_observe_rejects_mismatched_or_nan():
 @pytest.mark.parametrize("field,value", [
     ("grid_low", -0.1), ("grid_high", 1.5), ("grid_low", 0.95), ("grid_size", 1), ("grid_size", 2.5),
     ("zeta", 0.0), ("zeta", 1.0), ("budget", -1), ("budget", 1.5), ("initial_threshold", 2.0),
-    ("min_points", 1), ("label_prior", "yes"),
+    ("min_points", 1), ("label_prior", "yes"), ("responsibility_floor", -1e-4), ("responsibility_floor", 0.5),
+    ("unsupervised", 1), ("em_momentum", 1.5), ("em_iters", 0),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ThresholdConfig(**{field: value})
+
+
+def test_unsupervised_controller_names_right_by_the_larger_mean():
+    mix = BetaMixture(a=[5.0, 2.0], b=[2.0, 6.0], weights=[0.5, 0.5])  # component 0 sits high
+    assert mix.larger_mean() == 0
+    assert mix.posterior(GRID, right=0).tolist() == pytest.approx((1 - mix.posterior(GRID)).tolist(), rel=1e-9)
+    ctl = AdaptiveThreshold(ThresholdConfig(unsupervised=True))
+    ctl.mixture = mix
+    assert ctl.right_component == 0
+    curves = ctl.curves(num=5)
+    assert curves["right"] == pytest.approx(mix.densities(curves["confidence"])[0].numpy())
+    # EM on confidences alone moves parameters and weights, and spends the budget like the supervised fit
+    ctl.observe(beta_samples(6, 1.5, 200, seed=30))
+    before = (list(ctl.mixture.a), list(ctl.mixture.weights))
+    ctl.refit()
+    assert ctl.num_refits == 1 and (ctl.mixture.a, ctl.mixture.weights) != before
+    assert sum(ctl.mixture.weights) == pytest.approx(1.0)

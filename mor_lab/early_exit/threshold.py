@@ -11,17 +11,25 @@ The model is a two-component Beta mixture over confidences in [0, 1]:
 - component 1 = "the shallow exit was right" (label 1), initialised as Beta(2, 1): mass near 1.
 
 Fitting is *supervised*: the label says which component a point belongs to, so each Beta is fitted
-by moments to its own points (``a = m (m (1 - m) / v - 1)``, ``b = a (1 - m) / m``, inputs clipped
-to [1e-4, 1 - 1e-4]) and the mixture weights are the label frequencies. The posterior of "right" at a
+by weighted moments (``a = m (m (1 - m) / v - 1)``, ``b = a (1 - m) / m``, inputs clipped to
+[1e-4, 1 - 1e-4]) and the mixture weights are the label frequencies. As in the reference code
+(``BetaMixture1D.responsibilities``), a point weighs 0.2 in its own class and is floored at 1e-4 in
+the other one before the weights are normalised, so each class keeps a 1e-4 / 0.2 share of the other
+class's points (``responsibility_floor=0`` fits each class on its own points only, mor_lab's earlier
+fit; they differ when one class is rare: 19% in (a, b) for 15 "right" points among 315). The reference's *unsupervised*
+EM is an option (``ThresholdConfig.unsupervised``): responsibilities from the current mixture, the
+same floor, and a momentum of 0.95 on the parameters and weights; the "right" component is then the
+one with the larger mean, since no label names it. The posterior of "right" at a
 confidence ``c`` is ``pi_1 Beta(c; a1, b1) / sum_k pi_k Beta(c; a_k, b_k)``. The new threshold is the
 smallest point of ``linspace(0.3, 0.9, 10)`` whose posterior exceeds ``zeta = 0.4`` *and* so does
 every larger grid point: above the threshold, exiting is always more likely right than ``zeta``.
 
 Choices, stated once (where the facts sheet leaves room, or where the reference code differs):
 
-- Degenerate fits keep the old values: a component with fewer than ``min_points`` points, zero
-  variance, or a non-finite / non-positive moment estimate keeps its previous (a, b). The weights
-  are still the label frequencies, so a label never seen gets weight 0.
+- Degenerate fits keep the old values: a component with fewer than ``min_points`` points of its own
+  label, zero variance, or a non-finite / non-positive moment estimate keeps its previous (a, b)
+  (the reference would fit a label never seen on the other class's points, or produce NaN). The
+  weights are still the label frequencies, so a label never seen gets weight 0.
 - No grid point qualifies (the posterior stays below ``zeta`` near 0.9): keep the previous threshold.
   (The reference code then jumps to 0.9; keeping is the same on the first refit and steadier later.)
 - The reference code reads the threshold as ``grid[size - count]`` where ``count`` is how many grid
@@ -29,7 +37,8 @@ Choices, stated once (where the facts sheet leaves room, or where the reference 
   grid (the usual case); when the posterior crosses ``zeta`` twice it does not, and we follow the rule.
 - The reference code's posterior ignores the mixture weights (equal priors) and picks the component
   with the larger mean as "right". We weight by label frequency (``label_prior=True``; set False for
-  equal priors) and always use component 1, because the labels say which component is which.
+  equal priors) and, when supervised, always use component 1, because the labels say which component
+  is which (unsupervised: the larger mean, as the reference).
 - ``refit()`` with no pairs yet does nothing and does not spend the budget (as in the reference,
   which refits only when it has data); each real refit spends one unit of ``budget``.
 """
@@ -41,6 +50,7 @@ from dataclasses import dataclass, field
 import torch
 
 EPS = 1e-4  # confidences are clipped to [EPS, 1 - EPS]: a Beta density can be infinite at 0 or 1
+OWN_RESPONSIBILITY = 1 - 0.8  # the reference's (1 - lam_r): a point's weight in its own class, before the floor
 
 
 @dataclass
@@ -54,7 +64,11 @@ class ThresholdConfig:
     budget: int | None = 300  # refits before the threshold freezes (None: never freeze)
     initial_threshold: float = 0.9  # threshold before any refit
     min_points: int = 2  # a component needs this many points to be refitted (a variance needs 2)
-    label_prior: bool = True  # weight the posterior by label frequencies (False: equal, as the reference)
+    label_prior: bool = True  # weight the posterior by the mixture weights (False: equal, as the reference)
+    responsibility_floor: float = 1e-4  # a point's floored weight in the other class (0: own points only)
+    unsupervised: bool = False  # fit by EM on the confidences alone (the reference's fit_unsupervised)
+    em_momentum: float = 0.95  # unsupervised: new = momentum * old + (1 - momentum) * fitted (the reference's lam)
+    em_iters: int = 1  # unsupervised: EM iterations per refit (the reference's max_iters)
 
     def __post_init__(self):
         def unit(name):
@@ -77,8 +91,16 @@ class ThresholdConfig:
         unit("initial_threshold")
         if isinstance(self.min_points, bool) or not isinstance(self.min_points, int) or self.min_points < 2:
             raise ValueError(f"min_points must be an integer >= 2, got {self.min_points!r}")
-        if not isinstance(self.label_prior, bool):
-            raise ValueError(f"label_prior must be True or False, got {self.label_prior!r}")
+        for name in ("label_prior", "unsupervised"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (isinstance(self.responsibility_floor, bool) or not isinstance(self.responsibility_floor, (int, float))
+                or not 0 <= self.responsibility_floor < OWN_RESPONSIBILITY):
+            raise ValueError(f"responsibility_floor must be a number in [0, {OWN_RESPONSIBILITY:g}), "
+                             f"got {self.responsibility_floor!r}")
+        unit("em_momentum")
+        if isinstance(self.em_iters, bool) or not isinstance(self.em_iters, int) or self.em_iters < 1:
+            raise ValueError(f"em_iters must be an integer >= 1, got {self.em_iters!r}")
 
     def grid(self) -> torch.Tensor:
         """The candidate thresholds, float64."""
@@ -123,10 +145,12 @@ class BetaMixture:
     b: list[float] = field(default_factory=lambda: [2.0, 1.0])
     weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
 
-    def fit(self, confidences, labels, min_points: int = 2) -> BetaMixture:
-        """Supervised refit in place: each component by moments on its own points, weights by label counts.
+    def fit(self, confidences, labels, min_points: int = 2, responsibility_floor: float = 1e-4) -> BetaMixture:
+        """Supervised refit in place: each component by weighted moments, weights by label counts.
 
-        A component with too few points or a degenerate moment estimate keeps its previous (a, b).
+        A point weighs ``OWN_RESPONSIBILITY`` in its own class and ``responsibility_floor`` in the other (the
+        reference's floored responsibilities; 0: own points only). A component with fewer than ``min_points``
+        points of its label, or a degenerate moment estimate, keeps its previous (a, b).
         """
         c, y = _as_1d(confidences), _as_1d(labels, torch.bool)
         if c.shape != y.shape:
@@ -136,12 +160,42 @@ class BetaMixture:
         for k, mask in enumerate((~y, y)):
             if int(mask.sum()) < min_points:
                 continue
-            a, b = fit_beta_moments(c[mask])
-            if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0:
-                self.a[k], self.b[k] = a, b
+            weights = torch.full(c.shape, float(responsibility_floor), dtype=torch.float64)
+            weights[mask] = OWN_RESPONSIBILITY
+            self._update(k, *fit_beta_moments(c, weights))
         right = float(y.double().mean())
         self.weights = [1 - right, right]
         return self
+
+    def fit_unsupervised(self, confidences, iters: int = 1, momentum: float = 0.95,
+                         responsibility_floor: float = 1e-4) -> BetaMixture:
+        """The reference's EM (``BetaMixture1D.fit_unsupervised``), in place: responsibilities
+        ``pi_k Beta(c; a_k, b_k)`` floored at ``responsibility_floor`` and normalised per point, then weighted
+        moments, each new value mixed in as ``momentum * old + (1 - momentum) * new`` (weights too)."""
+        c = _as_1d(confidences).clamp(EPS, 1 - EPS)
+        if c.numel() == 0:
+            return self
+        for _ in range(iters):
+            r = self.densities(c)
+            r = torch.where(r <= responsibility_floor, responsibility_floor, r)
+            r = r / (r.sum(0) + 1e-12)
+            for k in range(2):
+                a, b = fit_beta_moments(c, r[k])
+                if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0:
+                    self.a[k] = momentum * self.a[k] + (1 - momentum) * a
+                    self.b[k] = momentum * self.b[k] + (1 - momentum) * b
+            new = r.sum(1)
+            new = new / (new.sum() + 1e-12)
+            self.weights = [momentum * w + (1 - momentum) * float(n) for w, n in zip(self.weights, new)]
+        return self
+
+    def _update(self, k: int, a: float, b: float) -> None:
+        if math.isfinite(a) and math.isfinite(b) and a > 0 and b > 0:
+            self.a[k], self.b[k] = a, b
+
+    def larger_mean(self) -> int:
+        """The component with the larger mean ``a / (a + b)``: "right" when no label says which is which."""
+        return int(self.a[1] / (self.a[1] + self.b[1]) > self.a[0] / (self.a[0] + self.b[0]))
 
     def log_densities(self, c, label_prior: bool = True) -> torch.Tensor:
         """``[2, n]`` log of pi_k Beta(c; a_k, b_k) (pi = 1/2 each when ``label_prior`` is False)."""
@@ -153,10 +207,11 @@ class BetaMixture:
         """``[2, n]`` weighted component densities pi_k Beta(c; a_k, b_k)."""
         return self.log_densities(c, label_prior).exp()
 
-    def posterior(self, c, label_prior: bool = True) -> torch.Tensor:
-        """P(shallow was right | confidence c), computed in log space so tails do not underflow."""
+    def posterior(self, c, label_prior: bool = True, right: int = 1) -> torch.Tensor:
+        """P(shallow was right | confidence c), computed in log space so tails do not underflow.
+        ``right``: the component that stands for "right" (1 when supervised)."""
         log_d = self.log_densities(c, label_prior)
-        return (log_d[1] - torch.logsumexp(log_d, dim=0)).exp()
+        return (log_d[right] - torch.logsumexp(log_d, dim=0)).exp()
 
 
 def grid_threshold(posterior, grid, zeta: float) -> float | None:
@@ -194,9 +249,17 @@ class AdaptiveThreshold:
         """True once the refit budget is spent: the threshold no longer moves."""
         return self.config.budget is not None and self.num_refits >= self.config.budget
 
-    def observe(self, confidences, labels) -> None:
-        """Store (shallow confidence, shallow argmax == deep argmax) pairs; any shapes, flattened."""
-        c, y = _as_1d(confidences), _as_1d(labels, torch.bool)
+    def observe(self, confidences, labels=None) -> None:
+        """Store (shallow confidence, shallow argmax == deep argmax) pairs; any shapes, flattened.
+        ``labels`` may be None when the fit is unsupervised (they are not used then)."""
+        c = _as_1d(confidences)
+        if labels is None:
+            if not self.config.unsupervised:
+                raise ValueError("observe needs labels (shallow argmax == deep argmax) for the supervised fit; "
+                                 "set ThresholdConfig(unsupervised=True) to fit confidences alone")
+            y = torch.zeros(c.shape, dtype=torch.bool)
+        else:
+            y = _as_1d(labels, torch.bool)
         if c.shape != y.shape:
             raise ValueError(f"labels must have one entry per confidence, got {y.numel()} for {c.numel()}")
         if c.numel() and not bool(torch.isfinite(c).all()):
@@ -204,13 +267,24 @@ class AdaptiveThreshold:
         self._confidences.append(c)
         self._labels.append(y)
 
+    @property
+    def right_component(self) -> int:
+        """The mixture component that stands for "shallow was right"."""
+        return self.mixture.larger_mean() if self.config.unsupervised else 1
+
     def refit(self) -> float:
         """Refit the mixture on every pair seen so far and update the threshold (call at each new sample)."""
         if self.frozen or self.num_pairs == 0:
             return self.threshold
-        self.mixture.fit(torch.cat(self._confidences), torch.cat(self._labels), self.config.min_points)
-        grid = self.config.grid()
-        new = grid_threshold(self.mixture.posterior(grid, self.config.label_prior), grid, self.config.zeta)
+        cfg = self.config
+        if cfg.unsupervised:
+            self.mixture.fit_unsupervised(torch.cat(self._confidences), cfg.em_iters, cfg.em_momentum,
+                                          cfg.responsibility_floor)
+        else:
+            self.mixture.fit(torch.cat(self._confidences), torch.cat(self._labels), cfg.min_points,
+                             cfg.responsibility_floor)
+        grid = cfg.grid()
+        new = grid_threshold(self.mixture.posterior(grid, cfg.label_prior, self.right_component), grid, cfg.zeta)
         if new is not None:
             self.threshold = new
         self.num_refits += 1
@@ -239,13 +313,14 @@ class AdaptiveThreshold:
         c = torch.linspace(0, 1, num, dtype=torch.float64)
         grid = self.config.grid()
         dens = self.mixture.densities(c, self.config.label_prior)
+        right, prior = self.right_component, self.config.label_prior
         return {
             "confidence": c.numpy(),
-            "wrong": dens[0].numpy(),  # pi_0 Beta(c; a0, b0)
-            "right": dens[1].numpy(),  # pi_1 Beta(c; a1, b1)
-            "posterior": self.mixture.posterior(c, self.config.label_prior).numpy(),
+            "wrong": dens[1 - right].numpy(),  # pi_wrong Beta(c; a, b) of the "wrong" component
+            "right": dens[right].numpy(),  # pi_right Beta(c; a, b) of the "right" component
+            "posterior": self.mixture.posterior(c, prior, right).numpy(),
             "grid": grid.numpy(),
-            "grid_posterior": self.mixture.posterior(grid, self.config.label_prior).numpy(),
+            "grid_posterior": self.mixture.posterior(grid, prior, right).numpy(),
             "zeta": self.config.zeta,
             "threshold": self.threshold,
         }

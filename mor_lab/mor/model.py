@@ -72,6 +72,9 @@ class MoRConfig(DictConfig):
             raise ValueError(f"MoRConfig.init_std must be > 0, got {self.init_std!r}")
         if self.kind in ("expert", "token"):
             self.router.validate(self.kind, self.num_recursions)
+        if self.kind == "expert" and self.kv_scheme == "share" and self.router.capacity and self.router.capacity[0] < 1:
+            raise ValueError(f"RouterConfig.capacity[0] = {self.router.capacity[0]} < 1 needs kv_scheme='recursion': "
+                             f"recursive KV sharing reads loop 0's keys of every token, so every token must run loop 0")
 
     @property
     def structure(self) -> LoopStructure | None:
@@ -82,7 +85,7 @@ class MoRConfig(DictConfig):
 @dataclass
 class Routing:
     """What the routers decided in a training pass."""
-    loops: torch.Tensor  # [B, T] recursions each token ran (1..N_r)
+    loops: torch.Tensor  # [B, T] recursions each token ran (1..N_r; 0..N_r when expert capacity[0] < 1)
     capacities: list[float] | None = None  # expert: the capacities used (warm-up included)
     router_logits: list[torch.Tensor] = field(default_factory=list)  # expert: [B, T] per recursion
     probs: torch.Tensor | None = None  # token: [B, T, N_r]
@@ -149,8 +152,9 @@ class MoRModel(Decoder):
     # Training: whole sequences, masks.
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, step: int | None = None,
                 loops: torch.Tensor | None = None) -> MoROutput:
-        """Logits for ``[B, T]`` ids; with ``targets`` also the loss. ``step``: the training step (capacity
-        warm-up). ``loops`` (``[B, T]``, 1..N_r) forces the routing decisions instead of the routers'."""
+        """Logits for ``[B, T]`` ids; with ``targets`` also the loss. ``step``: the 0-based training step (the
+        expert capacity warm-up, token-choice's balancing warm-up; None outside training). ``loops`` (``[B, T]``,
+        recursions per token) forces the routing decisions instead of the routers'."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
         rope = self.rope(positions)
@@ -175,12 +179,14 @@ class MoRModel(Decoder):
     def _loops(self, h, positions, step, loops):
         st, kind, n = self.structure, self.kind, self.structure.loops
         B, T, d = h.shape
-        if loops is not None and (int(loops.min()) < 1 or int(loops.max()) > n):
-            raise ValueError(f"loops must be in 1..{n} (recursions per token), "
+        lowest = 0 if kind == "expert" and self.router.config.capacity[0] < 1 else 1  # loop 0 routed too
+        if loops is not None and (int(loops.min()) < lowest or int(loops.max()) > n):
+            raise ValueError(f"loops must be in {lowest}..{n} (recursions per token), "
                              f"got {int(loops.min())}..{int(loops.max())}")
         x, aux, routing = h, {}, Routing(loops=None)
         if kind == "token":
-            logits, probs, depth, gate = self.router.route(h, None if loops is None else loops - 1)
+            forced = self.router.warmup_depth(step, (B, T), h.device) if loops is None else loops - 1
+            logits, probs, depth, gate = self.router.route(h, forced)
             loops, routing.probs = depth + 1, probs
             aux.update(self.router.losses(logits, probs, depth))
         elif kind == "recursive" and loops is None:
@@ -218,7 +224,7 @@ class MoRModel(Decoder):
                 out, kv = masked_layer(self.layers[st.shared_layer(self, j)], out, rope, mask[:, None],
                                        shared[j] if share and r > 0 else None)
                 if r == 0:
-                    shared[j] = kv  # loop 0 runs every token: m == T, idx == arange(T)
+                    shared[j] = kv  # with sharing loop 0 runs every token (capacity[0] = 1): m == T, idx == arange(T)
             if kind == "expert":
                 out = h_in + self.router.gate(logits.gather(1, idx))[..., None] * out
             h = h.scatter(1, gather, torch.where(valid[..., None], out, h_in))
@@ -262,10 +268,8 @@ class MoRModel(Decoder):
             pairs = (count * (count + 1) / 2).sum() if self.mor.kv_scheme == "recursion" or r == 0 else \
                 (sel * positions).sum().double()
             flops += st.block * (float(count.sum()) * self.layer_flops() + float(pairs) * attn_pair)
-        if self.kind == "expert":
-            flops += tokens * st.loops * 2 * c.hidden_size
-        elif self.kind == "token":
-            flops += tokens * 2 * c.hidden_size * st.loops
+        if self.router is not None:
+            flops += tokens * self.router.flops_per_token()
         return flops
 
     def expected_loops(self, seq_len: int) -> torch.Tensor:

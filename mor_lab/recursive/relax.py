@@ -1,10 +1,19 @@
-"""Relaxation: a per-position LoRA on every projection of every looped step, SVD-initialised.
+"""Relaxation: a per-position LoRA on the projections of every looped step, SVD-initialised.
 
 Step ``s`` of a recursive model runs the shared weights ``W_shared``; the original layer ``l`` it
-stands in for had ``W_l``. The relaxation adds ``B A`` with ``U S V^T = svd(R_l)``,
+stands in for had ``W_l``. The relaxation adds ``scale * B A`` with ``U S V^T = svd(R_l)``,
 ``R_l = W_l - W_shared``, ``A = V^T[:r]`` and ``B = U[:, :r] diag(S[:r])``: the best rank-r
-correction, and exactly ``R_l`` at full rank ``r = min(out, in)``, where the relaxed model computes
-what the original did (with per-position norms; biases, if a model has them, stay shared).
+correction, and exactly ``R_l`` at full rank ``r = min(out, in)`` and scale 1, where the relaxed
+model computes what the original did (with per-position norms; biases, if a model has them, stay shared).
+
+Against the reference code (raymin0223/mixture_of_recursions, ``model/relaxation/lora``; checked in
+``tests/test_reference_relax.py``): the SVD initialisation is the same. Its configs set PEFT's
+``alpha = 2 r`` (``alpha_pattern: 2.0``), a LoRA scale of 2, keeping ``B = U S``: its initial delta is
+twice the truncated SVD, so even full rank overshoots the original. mor_lab's default scale is 1 (what
+the full-rank exactness needs); ``lora_scale=2.0`` is the reference's. Its example config relaxes
+``q_proj`` and ``v_proj`` only; mor_lab relaxes every projection by default (the paper relaxes each
+weight matrix, and the full-rank exactness needs all of them); ``targets=("q_proj", "v_proj")`` is the
+reference's choice.
 
 Merging: the physical layers are shared, so folding one step's LoRA into them would change every
 other step that runs them. :func:`merge` therefore *unrolls*: it returns an equivalent vanilla
@@ -34,15 +43,21 @@ PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
 
 @dataclass
 class RelaxConfig(DictConfig):
-    """LoRA ranks of the relaxation, separate for attention and MLP projections.
+    """LoRA ranks of the relaxation, separate for attention and MLP projections, the projections it
+    relaxes, and the LoRA scale.
 
-    ``None``: full rank (``min(out, in)``, exact); ``0``: no LoRA there (those projections stay tied).
-    A rank above ``min(out, in)`` is clamped to it.
+    Ranks: ``None``: full rank (``min(out, in)``, exact); ``0``: no LoRA there (those projections stay
+    tied). A rank above ``min(out, in)`` is clamped to it. ``targets``: the projections that get a LoRA
+    (the others stay tied). ``lora_scale``: the LoRA's output factor (PEFT's ``alpha / r``; the
+    reference uses 2, see the module docstring).
     """
     attn_rank: int | None = 16
     mlp_rank: int | None = 16
+    targets: tuple[str, ...] = PROJECTIONS
+    lora_scale: float = 1.0
 
     def __post_init__(self):
+        self.targets = tuple(self.targets)
         self.validate()
 
     def validate(self) -> None:
@@ -50,8 +65,17 @@ class RelaxConfig(DictConfig):
             rank = getattr(self, name)
             if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 0):
                 raise ValueError(f"RelaxConfig.{name} must be None (full rank) or an integer >= 0, got {rank!r}")
+        unknown = [t for t in self.targets if t not in PROJECTIONS]
+        if unknown or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"RelaxConfig.targets must be distinct names among {PROJECTIONS}, got {self.targets}")
+        scale = self.lora_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"RelaxConfig.lora_scale must be a number > 0, got {self.lora_scale!r}")
 
     def rank(self, projection: str) -> int | None:
+        """The LoRA rank of ``projection`` (0 when it is not a target)."""
+        if projection not in self.targets:
+            return 0
         return self.attn_rank if projection in ATTENTION_PROJECTIONS else self.mlp_rank
 
 
@@ -106,20 +130,25 @@ def svd_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.
         return A, U * S
 
 
-def svd_lora(residual: torch.Tensor, rank: int, dtype: torch.dtype | None = None) -> LoRA:
-    """A LoRA whose ``delta_weight()`` is the rank-``rank`` truncated SVD of ``residual`` (``[out, in]``)."""
+def svd_lora(residual: torch.Tensor, rank: int, dtype: torch.dtype | None = None, scale: float = 1.0,
+             exact: bool = False) -> LoRA:
+    """A LoRA of the rank-``rank`` truncated SVD of ``residual`` (``[out, in]``), ``A = V^T``, ``B = U S``,
+    with output factor ``scale``: ``delta_weight()`` is ``scale`` times the truncated SVD (the reference's
+    initialisation). ``exact``: ``B = U S / scale`` instead, so that ``delta_weight()`` is the truncated SVD."""
     A, B = svd_factors(residual, rank)
-    lora = LoRA(residual.shape[1], residual.shape[0], A.shape[0]).to(device=residual.device,
-                                                                    dtype=dtype or residual.dtype)
+    lora = LoRA(residual.shape[1], residual.shape[0], A.shape[0], scale).to(device=residual.device,
+                                                                           dtype=dtype or residual.dtype)
     with torch.no_grad():
         lora.A.copy_(A)
-        lora.B.copy_(B)
+        lora.B.copy_(B / scale if exact else B)
     return lora
 
 
 @torch.no_grad()
-def _fit_steps(model: Decoder, targets: dict[int, DecoderLayer], config: RelaxConfig) -> None:
-    """Give every step in ``targets`` a LoRA per projection fitted to ``target - shared`` (in place)."""
+def _fit_steps(model: Decoder, targets: dict[int, DecoderLayer], config: RelaxConfig, exact: bool = False) -> None:
+    """Give every step in ``targets`` a LoRA per projection fitted to ``target - shared`` (in place).
+    ``exact``: the LoRA's delta is the fit whatever the scale (:func:`unmerge`); otherwise the reference's
+    initialisation, ``scale`` times the fit (:func:`relax`)."""
     if model.config.attention_bias or model.config.mlp_bias:
         warnings.warn("the relaxation is LoRA on weights only: biases stay shared, so even full rank is not exact")
     for step, target in targets.items():
@@ -130,7 +159,8 @@ def _fit_steps(model: Decoder, targets: dict[int, DecoderLayer], config: RelaxCo
             rank = config.rank(name)
             rank = min(weight.shape) if rank is None else min(rank, *weight.shape)
             if rank > 0:
-                lora[name] = svd_lora(linear(target, name).weight - weight, rank, weight.dtype)
+                lora[name] = svd_lora(linear(target, name).weight - weight, rank, weight.dtype, config.lora_scale,
+                                      exact)
         delta = model.delta(step)
         if delta is None:
             model.step_deltas[str(step)] = StepDelta(lora)
@@ -180,13 +210,14 @@ def unmerge(merged: Decoder, recursive: Decoder, sharing: SharingPlan, config: R
             **overrides) -> Decoder:
     """The inverse of :func:`merge`: a copy of ``recursive`` whose looped steps get LoRA fitted (truncated
     SVD) to ``merged``'s layer for that step, and that layer's norms where ``recursive`` keeps per-step norms.
-    Exact at full rank: ``unmerge(merge(m), m, sharing, attn_rank=None, mlp_rank=None)`` computes what ``m`` does."""
+    Exact at full rank: ``unmerge(merge(m), m, sharing, attn_rank=None, mlp_rank=None)`` computes what ``m`` does,
+    whatever ``lora_scale`` (``B`` absorbs it)."""
     config = dataclasses.replace(config, **overrides) if config else RelaxConfig(**overrides)
     if merged.config.num_layers != recursive.num_steps:
         raise ValueError(f"merged has {merged.config.num_layers} layers, recursive has {recursive.num_steps} steps")
     model = copy.deepcopy(recursive)
     looped = [s.step for s in sharing.steps if s.loop is not None]
-    _fit_steps(model, {step: merged.layers[step] for step in looped}, config)
+    _fit_steps(model, {step: merged.layers[step] for step in looped}, config, exact=True)
     for step in looped:
         for name, weight in model.delta(step).norms.items():
             weight.copy_(getattr(merged.layers[step], name).weight)

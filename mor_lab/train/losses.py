@@ -4,11 +4,17 @@ Conventions: ``targets`` are next-token ids with ``-100`` where a position has n
 :func:`next_token_targets`); logits may have any leading shape. Teachers are always detached: a
 distillation term moves the student towards the teacher, never the other way.
 
-FREE's KD term, two flavours (``free_loss(kd=...)``):
+FREE's KD term (``free_loss(kd=...)``):
 
-- ``"mse"`` (the reference code): MSE between each shallow layer's hidden state and a deep "teacher"
-  layer's, over a fixed layer map (:func:`mor_lab.early_exit.heads.free_layer_map`). It trains the
-  backbone's shallow layers, so it only means something when the backbone is fine-tuned.
+- ``"mse"``, ``"mse_last"``, ``"mse_dyna"`` (the reference code's ``shallowdeep_kd_unif``, ``_kd_last``,
+  ``_kd_dyna``, ``util/losses.py`` compute_layerwise_distillation_loss): MSE between shallow layers'
+  hidden states and deep "teacher" layers' (detached): over a fixed layer map
+  (:func:`mor_lab.early_exit.heads.free_layer_map`), the last shallow layer against the last layer,
+  or each teacher against its closest shallow layer, aligned monotonically from the top. They train
+  the backbone's shallow layers, so they only mean something when the backbone is fine-tuned.
+  The reference compares the states *after the final norm* (what its exits read): pass
+  ``norm=model.norm`` for that; ``transform`` is its optional ``layer_transformation`` (a Linear on
+  the student states).
 - ``"kl"`` (the default of :func:`mor_lab.early_exit.heads.train_exit_heads`): KL from the deep
   model's next-token distribution to the shallow exit's. With a frozen backbone the shallow hidden
   states do not depend on anything trainable, so the MSE would be a constant; the KL instead trains
@@ -17,13 +23,15 @@ FREE's KD term, two flavours (``free_loss(kd=...)``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-KD_KINDS = ("kl", "mse")
+KD_KINDS = ("kl", "mse")  # what the exit-head trainer wires today
+HIDDEN_KD_KINDS = ("mse", "mse_last", "mse_dyna")  # layer-wise hidden-state distillation
+FREE_KD_KINDS = ("kl",) + HIDDEN_KD_KINDS  # what free_loss accepts
 
 
 def next_token_targets(ids: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -54,18 +62,68 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def hidden_mse(hidden: torch.Tensor | Sequence[torch.Tensor], layer_map: Sequence[int]) -> torch.Tensor:
-    """FREE's reference KD: shallow layer ``j``'s output vs teacher layer ``layer_map[j]``'s (detached), mean MSE.
+def _layer_state(hidden, layer: int, norm: Callable | None):
+    """Output of (0-based) layer ``layer`` from a ``return_hidden`` stack (index 0 is the embedding), normed."""
+    if not 0 <= layer < len(hidden) - 1:
+        raise ValueError(f"layer {layer} is not in the hidden stack's {len(hidden) - 1} layers")
+    h = hidden[layer + 1].float()
+    return h if norm is None else norm(h).float()
+
+
+def _student(state: torch.Tensor, transform: Callable | None) -> torch.Tensor:
+    return state if transform is None else transform(state).float()
+
+
+def hidden_mse(hidden: torch.Tensor | Sequence[torch.Tensor], layer_map: Sequence[int], *,
+               norm: Callable | None = None, transform: Callable | None = None) -> torch.Tensor:
+    """FREE's reference KD (``kd_unif``): shallow layer ``j``'s output vs teacher layer ``layer_map[j]``'s
+    (detached), mean MSE.
 
     ``hidden`` is the stack of ``Decoder(..., return_hidden=True)``: index 0 is the embedding, so the
-    output of (0-based) layer ``j`` is ``hidden[j + 1]``.
+    output of (0-based) layer ``j`` is ``hidden[j + 1]``. ``norm``: applied to every state first (the
+    reference uses the final norm); ``transform``: applied to the student states.
     """
     if len(layer_map) == 0:
         raise ValueError("layer_map is empty: give one teacher layer per shallow layer")
     if max(layer_map) >= len(hidden) - 1:
         raise ValueError(f"layer_map names layer {max(layer_map)} but hidden has only {len(hidden) - 1} layers")
-    losses = [F.mse_loss(hidden[j + 1].float(), hidden[t + 1].detach().float()) for j, t in enumerate(layer_map)]
+    losses = [F.mse_loss(_student(_layer_state(hidden, j, norm), transform), _layer_state(hidden, t, norm).detach())
+              for j, t in enumerate(layer_map)]
     return torch.stack(losses).mean()
+
+
+def hidden_mse_last(hidden: torch.Tensor | Sequence[torch.Tensor], shallow_layers: int, *,
+                    norm: Callable | None = None, transform: Callable | None = None) -> torch.Tensor:
+    """FREE's ``kd_last``: the last shallow layer's output vs the last layer's (detached), MSE."""
+    num_layers = len(hidden) - 1
+    if not 0 < shallow_layers < num_layers:
+        raise ValueError(f"shallow_layers must be in [1, {num_layers}), got {shallow_layers!r}")
+    student = _student(_layer_state(hidden, shallow_layers - 1, norm), transform)
+    return F.mse_loss(student, _layer_state(hidden, num_layers - 1, norm).detach())
+
+
+def hidden_mse_dyna(hidden: torch.Tensor | Sequence[torch.Tensor], layer_map: Sequence[int], *,
+                    norm: Callable | None = None, transform: Callable | None = None) -> torch.Tensor:
+    """FREE's ``kd_dyna``: each teacher layer of ``layer_map`` against its closest shallow layer.
+
+    The ``len(layer_map)`` shallow layers and the teachers form a table of MSEs; from the last teacher
+    down, each takes the shallow layer of smallest MSE strictly below the previous teacher's choice (the
+    previous choice again when none is left), and the loss is the mean MSE of those pairs. The alignment
+    is not differentiated; the MSEs are.
+    """
+    if len(layer_map) == 0:
+        raise ValueError("layer_map is empty: give the teacher layers")
+    students = [_student(_layer_state(hidden, j, norm), transform) for j in range(len(layer_map))]
+    teachers = [_layer_state(hidden, t, norm).detach() for t in layer_map]
+    table = torch.stack([torch.stack([F.mse_loss(s, t) for s in students]) for t in teachers])
+    alignment, limit = [], len(hidden) - 1  # the reference starts from len(all_hidden_states)
+    for row in reversed(range(len(teachers))):
+        order = table[row].detach().argsort(stable=True)
+        below = order[order < limit]
+        limit = int(below[0]) if len(below) else limit
+        alignment.append(limit)
+    alignment.reverse()
+    return table[torch.arange(len(teachers)), torch.tensor(alignment)].mean()
 
 
 @dataclass
@@ -80,24 +138,33 @@ class FreeLoss:
 def free_loss(shallow_logits: torch.Tensor, deep_logits: torch.Tensor, targets: torch.Tensor, *,
               shallow_layers: int, num_layers: int, alpha: float = 0.5, kd: str = "kl",
               hidden: torch.Tensor | Sequence[torch.Tensor] | None = None, layer_map: Sequence[int] | None = None,
-              temperature: float = 1.0) -> FreeLoss:
+              temperature: float = 1.0, norm: Callable | None = None, transform: Callable | None = None) -> FreeLoss:
     """FREE's shallow-deep objective ``(L_S*CE_shallow + L*CE_deep)/(L_S + L) + alpha*KD``.
 
     Each exit's CE is weighted by its depth, as in CALM. ``kd="kl"``: KL from the deep logits to the
-    shallow ones; ``kd="mse"``: :func:`hidden_mse` over ``layer_map`` (needs ``hidden``).
+    shallow ones; ``"mse"`` / ``"mse_dyna"``: :func:`hidden_mse` / :func:`hidden_mse_dyna` over
+    ``layer_map``, ``"mse_last"``: :func:`hidden_mse_last` (all need ``hidden``; ``norm`` and ``transform``
+    go to them).
     """
     if not 0 < shallow_layers < num_layers:
         raise ValueError(f"shallow_layers must be in [1, num_layers) = [1, {num_layers}), got {shallow_layers!r}")
-    if kd not in KD_KINDS:
-        raise ValueError(f"unknown kd {kd!r}; allowed: {', '.join(KD_KINDS)}")
+    if kd not in FREE_KD_KINDS:
+        raise ValueError(f"unknown kd {kd!r}; allowed: {', '.join(FREE_KD_KINDS)}")
     ce_shallow, ce_deep = cross_entropy(shallow_logits, targets), cross_entropy(deep_logits, targets)
     ce = (shallow_layers * ce_shallow + num_layers * ce_deep) / (shallow_layers + num_layers)
     if kd == "kl":
         distill = kl_distill(shallow_logits, deep_logits, temperature)
     else:
-        if hidden is None or layer_map is None:
-            raise ValueError("kd='mse' needs hidden (the return_hidden stack) and layer_map")
-        distill = hidden_mse(hidden, layer_map)
+        if hidden is None or (layer_map is None and kd != "mse_last"):
+            raise ValueError(f"kd={kd!r} needs hidden (the return_hidden stack)"
+                             + ("" if kd == "mse_last" else " and layer_map"))
+        if len(hidden) - 1 != num_layers:
+            raise ValueError(f"hidden holds {len(hidden) - 1} layers, num_layers is {num_layers}")
+        if kd == "mse_last":
+            distill = hidden_mse_last(hidden, shallow_layers, norm=norm, transform=transform)
+        else:
+            fn = hidden_mse if kd == "mse" else hidden_mse_dyna
+            distill = fn(hidden, layer_map, norm=norm, transform=transform)
     return FreeLoss(ce + alpha * distill, ce_shallow, ce_deep, distill)
 
 
