@@ -105,6 +105,22 @@ def test_topk_agreement_and_decode_routing():
     assert routed.shape == ids.shape and torch.equal(routed, agreement["decode_loops"])
 
 
+@torch.no_grad()
+def test_capacity_below_one_routes_loop_zero_at_decode_time_too():
+    from mor_lab.mor import calibrate_thresholds
+    model = make("expert", capacity=[0.7, 0.5, 0.25])
+    ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(6))
+    calibrate_thresholds(model, ids)  # decode thresholds at the top-k boundaries, loop 0's included
+    agreement = topk_agreement(model, ids)
+    assert agreement["loops"] == [0, 1, 2] and min(agreement["per_loop"]) > 0.5
+    routed = decode_routing(model, ids)
+    assert int(routed.min()) == 0  # some tokens skip the shared block entirely
+    out, trace = mor_lab.generate_ids(model, PROMPTS, 6, eos_token_ids=[], policy=RoutedDepth())
+    cdb, _ = mor_lab.generate_ids(model, PROMPTS, 6, eos_token_ids=[], policy=RoutedDepth(), slots=3,
+                                  mode="continuous")
+    assert cdb == out
+
+
 def test_routed_policy_needs_a_mor_model():
     with pytest.raises(ValueError, match="needs a MoRModel"):
         mor_lab.generate_ids(mor_lab.random_decoder(num_layers=3), [[1, 2]], 2, policy=RoutedDepth())

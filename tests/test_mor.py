@@ -1,5 +1,5 @@
-"""Mixture-of-Recursions: routers, losses, both KV schemes (training masks vs a naive reference vs the
-decoding cache), routed decoding with static batching and CDB, checkpoints, FLOPs, the bench CLI."""
+"""Mixture-of-Recursions: routers, losses, both KV schemes (training masks vs a naive reference vs decoding
+through the engine), checkpoints, FLOPs, the bench CLI. Routed decoding's scheduling: test_engine_mor.py."""
 import json
 import math
 
@@ -7,11 +7,9 @@ import pytest
 import torch
 
 import mor_lab
-from mor_lab.engine.cdb import cdb_generate
-from mor_lab.engine.policy import run_steps
-from mor_lab.models.cache import Chunk, KVCache
-from mor_lab.mor import (MoRConfig, MoRModel, RoutedDepth, RoutedExit, RouterConfig, capacity_schedule,
-                         default_capacity, hierarchical_topk, topk_agreement, topk_count)
+from mor_lab.engine.policies import RoutedDepth
+from mor_lab.mor import (MoRConfig, MoRModel, RouterConfig, capacity_schedule, default_capacity, hierarchical_topk,
+                         topk_count)
 from mor_lab.mor.routers import ExpertChoiceRouter, TokenChoiceRouter
 
 DIMS = mor_lab.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=8, num_heads=4,
@@ -187,19 +185,17 @@ def naive_mor(model, ids, loops):
     return torch.stack(out)
 
 
-def cached_logits(model, ids, prefill: int):
-    """Prefill ``prefill`` tokens in one packed pass, then decode the rest one token per step."""
-    B, T = ids.shape
-    cache = KVCache.for_model(model, B, T)
-    lengths = torch.full((B,), prefill)
-    h, _ = run_steps(model, model.embed(ids[:, :prefill].reshape(-1)), range(model.num_steps), cache,
-                     Chunk.prefill(lengths))
-    logits = [model.head(h).view(B, prefill, -1)]
-    for t in range(prefill, T):
-        h, _ = run_steps(model, model.embed(ids[:, t]), range(model.num_steps), cache, Chunk.decode(lengths))
-        lengths = lengths + 1
-        logits.append(model.head(h)[:, None])
-    return torch.cat(logits, 1), cache
+def engine_logprobs(model, ids, prefill: int, loops) -> torch.Tensor:
+    """Decode ``ids`` through the engine with the decisions ``loops`` forced: prefill ``prefill`` tokens in
+    one packed pass, then teacher-force the rest; ``[B, T - prefill]`` logprobs of each next token."""
+    prompts, rest = ids[:, :prefill].tolist(), ids[:, prefill:].tolist()
+    _, trace = mor_lab.generate_ids(model, prompts, forced=rest, policy=RoutedDepth(forced=loops), exact=True)
+    return torch.tensor([[t.logprob for t in seq] for seq in trace.tokens], dtype=torch.float64)
+
+
+def assert_decodes_like_training(model, ids, logits, loops, prefill: int):
+    logp = logits.log_softmax(-1)[:, prefill - 1:-1].gather(-1, ids[:, prefill:, None]).squeeze(-1)
+    assert torch.allclose(engine_logprobs(model, ids, prefill, loops), logp, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind,scheme", ROUTED + [("recursive", "recursion"), ("recursive", "share")])
@@ -213,10 +209,8 @@ def test_masks_match_naive_reference_and_the_decoding_cache(kind, scheme):
         assert len(set(loops.flatten().tolist())) == 3  # really mixed depths
     for b in range(3):
         assert torch.allclose(out.logits[b], naive_mor(model, ids[b], loops[b]), atol=1e-10)
-    with model.forced_routing(loops):
-        for prefill in (1, 6):
-            logits, _ = cached_logits(model, ids, prefill)
-            assert torch.allclose(logits, out.logits, atol=1e-10)
+    for prefill in (1, 6):
+        assert_decodes_like_training(model, ids, out.logits, loops, prefill)
     # forcing the decisions in training reproduces them exactly
     assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
 
@@ -231,15 +225,13 @@ def test_router_options_match_the_naive_reference_and_the_decoding_cache(kind, r
     out = model(ids)
     for b in range(3):
         assert torch.allclose(out.logits[b], naive_mor(model, ids[b], out.routing.loops[b]), atol=1e-10)
-    with model.forced_routing(out.routing.loops):
-        logits, _ = cached_logits(model, ids, 4)
-        assert torch.allclose(logits, out.logits, atol=1e-10)
+    assert_decodes_like_training(model, ids, out.logits, out.routing.loops, 4)
 
 
 @torch.no_grad()
 def test_capacity_below_one_at_loop_zero_matches_the_naive_reference():
-    """Loop 0 routed too: unselected tokens go from the prelude straight to the coda (training path; decoding
-    such a model is the engine policy's job)."""
+    """Loop 0 routed too: unselected tokens go from the prelude straight to the coda, in training and when
+    the engine decodes with the same decisions."""
     model = make("expert", capacity=[0.7, 0.5, 0.25])
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(5))
     out = model(ids)
@@ -248,6 +240,7 @@ def test_capacity_below_one_at_loop_zero_matches_the_naive_reference():
     for b in range(3):
         assert torch.allclose(out.logits[b], naive_mor(model, ids[b], loops[b]), atol=1e-10)
     assert torch.allclose(model(ids, loops=loops).logits, out.logits, atol=1e-12)
+    assert_decodes_like_training(model, ids, out.logits, loops, 3)
     with pytest.raises(ValueError, match=r"loops must be in 0\.\.3"):
         model(ids, loops=loops + 2)
 
@@ -267,66 +260,6 @@ def test_vanilla_member_is_a_plain_decoder():
     plain.load_state_dict(model.state_dict())
     assert torch.allclose(model(ids).logits, plain.double()(ids))
     assert model.num_steps == 8 and model.structure is None
-
-
-@pytest.mark.parametrize("n", [2, 3, 4])
-@torch.no_grad()
-def test_kv_memory_matches_the_formulas(n):
-    dims = mor_lab.ModelConfig(**{**DIMS.to_dict(), "num_layers": 2 + 2 * n})
-    T = 12 * n
-    for scheme, formula in (("recursion", (n + 1) / (2 * n)), ("share", 1 / n)):
-        model = MoRModel(MoRConfig(dims, kind="expert", num_recursions=n, kv_scheme=scheme)).double().eval()
-        ids = torch.randint(0, 64, (2, T))
-        loops = model(ids).routing.loops
-        with model.forced_routing(loops):
-            _, cache = cached_logits(model, ids, T)
-        st = model.structure
-        if scheme == "recursion":  # the compacted per-loop caches really hold these many tokens
-            held = int(cache.mor_state.loop_len.sum()) * st.block
-        else:
-            held = 2 * T * st.block  # loop 0 only
-        assert held / (2 * T * st.loops * st.block) == pytest.approx(formula, abs=1 / T)
-        entries = model.kv_entries_per_token(float(loops.float().mean())) - st.prelude - st.coda
-        assert entries / (st.loops * st.block) == pytest.approx(formula, abs=1 / T)
-
-
-# --- routed decoding: static batching and CDB ----------------------------------------------------------
-@pytest.mark.parametrize("kind,scheme", ROUTED + [("recursive", "recursion")])
-def test_cdb_with_routed_depth_equals_static_and_each_sequence_alone(kind, scheme):
-    model = make(kind, scheme)
-    static, static_trace = mor_lab.generate_ids(model, PROMPTS, 6, eos_token_ids=[], policy=RoutedDepth())
-    for slots in (1, 3, 8):
-        cdb, trace = cdb_generate(model, model.structure, PROMPTS, 6, slots, RoutedExit())
-        assert cdb == static
-    for i, prompt in enumerate(PROMPTS):
-        alone, _ = cdb_generate(model, model.structure, [prompt], 6, 1, RoutedExit())
-        assert alone[0] == static[i]
-    depths = {len(t.steps) for seq in trace.tokens for t in seq[1:]}
-    assert depths == ({8} if kind == "recursive" else {4, 6, 8})
-    assert depths == {len(t.steps) for seq in static_trace.tokens for t in seq[1:]}
-
-
-def test_static_routed_decoding_with_finished_rows_leaving_the_batch():
-    model = make("token", "recursion")
-    free_run, _ = mor_lab.generate_ids(model, PROMPTS, 8, eos_token_ids=[], policy=RoutedDepth())
-    eos = free_run[0][2]
-    with_eos, _ = mor_lab.generate_ids(model, PROMPTS, 8, eos_token_ids=[eos], policy=RoutedDepth())
-    cdb, _ = cdb_generate(model, model.structure, PROMPTS, 8, 3, RoutedExit(), eos_token_ids=[eos])
-    for got, via_cdb, ref in zip(with_eos, cdb, free_run):
-        cut = ref.index(eos) + 1 if eos in ref else len(ref)
-        assert got == ref[:cut] == via_cdb
-
-
-@torch.no_grad()
-def test_topk_agreement_and_decode_routing():
-    model = make("expert")
-    ids = torch.randint(0, 64, (2, 15))
-    agreement = topk_agreement(model, ids)
-    assert len(agreement["per_loop"]) == 2 and all(0 <= a <= 1 for a in agreement["per_loop"])
-    assert 1 <= agreement["decode_mean_loops"] <= 3
-    with model.forced_routing(agreement["train_loops"]):
-        forced = topk_agreement(model, ids)
-    assert forced["depth"] == 1.0  # with the training decisions forced, decoding agrees everywhere
 
 
 # --- checkpoints, FLOPs, training ----------------------------------------------------------------------

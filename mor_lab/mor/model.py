@@ -350,8 +350,10 @@ def topk_agreement(model: MoRModel, input_ids: torch.Tensor, forced: torch.Tenso
     ``forced``: decode with these decisions instead (agreement 1 when they are the training ones)."""
     train = model(input_ids).routing.loops
     decode = decode_routing(model, input_ids, forced)
-    per_loop = [float(((train > r) == (decode > r)).float().mean()) for r in range(1, model.num_recursions)]
-    return {"per_loop": per_loop, "depth": float((train == decode).float().mean()),
+    first = 0 if _routes_loop_zero(model) else 1  # loop 0 is everyone's unless its capacity is below 1
+    per_loop = [float(((train > r) == (decode > r)).float().mean()) for r in range(first, model.num_recursions)]
+    return {"per_loop": per_loop, "loops": list(range(first, model.num_recursions)),
+            "depth": float((train == decode).float().mean()),
             "train_mean_loops": float(train.float().mean()), "decode_mean_loops": float(decode.float().mean()),
             "train_loops": train, "decode_loops": decode}
 
@@ -367,10 +369,17 @@ def calibrate_thresholds(model: MoRModel, input_ids: torch.Tensor) -> list[float
         raise ValueError(f"calibrate_thresholds needs an expert-choice model, got kind={model.kind!r}")
     routing = model(input_ids).routing
     thresholds = [0.0]
-    for r in range(1, model.num_recursions):
+    first = 0 if _routes_loop_zero(model) else 1
+    if first == 0:
+        thresholds = []
+    for r in range(first, model.num_recursions):
         logits, loops = routing.router_logits[r].float(), routing.loops
         selected = logits.masked_fill(loops <= r, float("inf")).min(-1).values
         rest = logits.masked_fill((loops != r), float("-inf")).max(-1).values
         thresholds.append(float(((selected + rest.clamp(max=selected)) / 2).median()))
     model.router.threshold.copy_(torch.tensor(thresholds))
     return thresholds
+
+
+def _routes_loop_zero(model: MoRModel) -> bool:
+    return model.kind == "expert" and model.router.config.capacity[0] < 1

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from ...early_exit.confidence import MEASURES, calm_threshold, confidence
+from ...early_exit.confidence import calm_threshold, canonical_measure, confidence, exits
 from ..tokens import Tokens
 from .base import Context, DepthPolicy, Exit
 
-LOGIT_MEASURES = ("softmax", "margin")
+LOGIT_MEASURES = ("softmax_max", "softmax_diff")  # the measures that read the exit's logits (an LM-head call)
 
 
 def exit_logits(model, heads, h: torch.Tensor, exit_layer: int) -> torch.Tensor:
@@ -32,7 +32,7 @@ def exit_confidence(model, heads, h, exit_layer: int, measure: str, ctx: Context
     """(confidence, exit logits or None), the test logged as a pass. The logits are computed only when the
     measure reads them (softmax, margin): with a hidden-state measure (meta, state) tokens that continue
     never pay for the LM head at the exit, which on a small model costs as much as several layers."""
-    if measure in LOGIT_MEASURES:
+    if canonical_measure(measure) in LOGIT_MEASURES:
         logits = exit_logits(model, heads, h, exit_layer)
         ctx.log("test", len(h))
         return confidence(measure, logits=logits), logits
@@ -82,13 +82,17 @@ class CalmExit(DepthPolicy):
     """CALM: test confidence at each exit point; exit when it exceeds the (decaying) threshold.
 
     ``exit_layers``: numbers of steps after which a token may exit (e.g. ``[4, 8, 12, ...]``).
-    ``decay_max_len``: with a value, the threshold decays over the output as in CALM (``calm_threshold``).
+    ``decay_max_len``: with a value, the threshold decays over the output as in CALM (``calm_threshold``,
+    at the 1-based index of the generated token, as the reference passes it). The rule is the
+    reference's strict ``confidence > threshold`` (``exits``; ``inclusive=True``: t5x's ``>=``), and no
+    token exits before ``min_layer`` steps (FREE's ``exit_min_layer``).
     """
 
     def __init__(self, threshold: float, exit_layers, measure: str = "softmax", per_row: bool = False,
-                 heads=None, decay_max_len: int | None = None, propagate_state: bool = True):
-        if measure not in MEASURES:
-            raise ValueError(f"unknown confidence measure {measure!r}; allowed: {', '.join(MEASURES)}")
+                 heads=None, decay_max_len: int | None = None, propagate_state: bool = True,
+                 inclusive: bool = False, min_layer: int | None = None):
+        canonical_measure(measure)  # a clear error for an unknown name
+        self.inclusive, self.min_layer = inclusive, min_layer
         self.threshold, self.measure, self.per_row = threshold, measure, per_row
         self.exit_layers, self.heads, self.decay_max_len = sorted(set(exit_layers)), heads, decay_max_len
         self.propagate = propagate_state
@@ -107,7 +111,7 @@ class CalmExit(DepthPolicy):
     def tau(self, tokens: Tokens, ctx: Context) -> torch.Tensor | float:
         if self.decay_max_len is None:
             return self.threshold
-        return torch.tensor([calm_threshold(self.threshold, t, self.decay_max_len) for t in ctx.index.tolist()],
+        return torch.tensor([calm_threshold(self.threshold, k + 1, self.decay_max_len) for k in ctx.index.tolist()],
                             device=tokens.h.device)
 
     def decide(self, tokens, h, ctx):
@@ -123,7 +127,8 @@ class CalmExit(DepthPolicy):
             e = self.segments[seg].stop
             conf, logits = exit_confidence(self.model, self.heads, h[rows], e, self.measure, ctx,
                                            None if prev is None else prev[rows])
-            ok = conf > (tau[rows] if isinstance(tau, torch.Tensor) else tau)
+            ok = exits(conf, tau[rows] if isinstance(tau, torch.Tensor) else tau, inclusive=self.inclusive,
+                       layer=e, min_layer=self.min_layer)
             if not self.per_row:
                 ok = ok.all().expand_as(ok)
             leave[rows] = ok

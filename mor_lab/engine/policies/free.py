@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ...early_exit.confidence import exits
 from ...early_exit.threshold import AdaptiveThreshold
 from ..tokens import Tokens
 from .base import DepthPolicy, Exit
@@ -74,7 +75,7 @@ class FreeDecoding(DepthPolicy):
             return None
         rows = decoding.nonzero().squeeze(1)
         conf, shallow = exit_confidence(self.model, self.heads, h[rows], self.shallow_layer, self.measure, ctx)
-        sure = conf > self.threshold
+        sure = exits(conf, self.threshold)
         leave = torch.zeros_like(decoding)
         leave[rows] = sure
         logits = None

@@ -77,34 +77,36 @@ class RoutedDepth(DepthPolicy):
         """Forced decisions: does each token take loop ``loop`` (per token)?"""
         return self.forced.to(tokens.pos.device)[ctx.request, tokens.pos] > loop
 
-    def _takes(self, loop: torch.Tensor, h, tokens, ctx) -> torch.Tensor:
-        """Expert-choice, at decode time: does each token take loop ``loop`` (one per token)?"""
-        if self.forced is not None:
-            return self._forced(tokens, ctx, loop)
-        if self.kind != "expert":
-            return torch.ones(len(h), dtype=torch.bool, device=h.device)
-        ctx.log("router", len(h))
-        return self.router.decide(loop, h)
-
     def decide(self, tokens, h, ctx):
         if self.structure is None:
             return None
-        loop = self._loop(tokens)  # the segment just run; the question is about loop + 1
+        loop = self._loop(tokens)  # the segment just run (-1: the prelude); the question is about loop + 1
         nxt = loop + 1
         if self.kind == "token":  # the depth was picked when the token entered loop 0 (combine)
             asked = (loop >= 0) & ~ctx.final
             return Exit(leave=asked & (tokens.extra["mor_depth"] <= nxt)) if bool(asked.any()) else None
-        capacity = self.router.config.capacity if self.router is not None else [1.0]
-        asked = nxt >= 0 if capacity[0] < 1 else nxt >= 1  # every token takes loop 0 at capacity 1
-        if self.forced is not None:
-            asked = nxt >= 0
-        asked &= ~ctx.final
+        asked = ~ctx.final
         if not bool(asked.any()):
             return None
         rows = asked.nonzero().squeeze(1)
+        if self.forced is not None:
+            go = self._forced(tokens.select(rows), ctx.subset(rows), nxt[rows])
+        elif self.kind == "expert":
+            ctx.log("router", len(rows))
+            go, gate = self.router.decide_and_gate(nxt[rows], h[rows])  # the gate of the loop it enters
+            self._keep_gate(tokens, rows, gate)
+        else:
+            go = torch.ones(len(rows), dtype=torch.bool, device=h.device)
         leave = torch.zeros(len(tokens), dtype=torch.bool, device=h.device)
-        leave[rows] = ~self._takes(nxt[rows], h[rows], tokens.select(rows), ctx.subset(rows))
+        leave[rows] = ~go
         return Exit(leave=leave)
+
+    def _keep_gate(self, tokens, rows, gate) -> None:
+        if "mor_gate" not in tokens.extra:
+            tokens.extra["mor_gate"] = gate.new_zeros(len(tokens))
+            tokens.extra["mor_has_gate"] = torch.zeros(len(tokens), dtype=torch.bool, device=gate.device)
+        tokens.extra["mor_gate"][rows] = gate
+        tokens.extra["mor_has_gate"][rows] = True
 
     def _forced_depth(self, tokens, ctx, rows):
         return self.forced.to(tokens.pos.device)[ctx.request[rows], tokens.pos[rows]] - 1
@@ -117,8 +119,14 @@ class RoutedDepth(DepthPolicy):
             inside = loop >= 0
             if not bool(inside.any()):
                 return h_out
-            ctx.log("router", int(inside.sum()))
-            gate = self.router.gate(self.router.logits(loop.clamp(min=0), h_in)).to(h_out.dtype)
+            has = tokens.extra.get("mor_has_gate")
+            missing = inside if has is None else inside & ~has
+            if bool(missing.any()):  # loop 0 of a plan without a prelude, or forced decisions: score now
+                rows = missing.nonzero().squeeze(1)
+                ctx.log("router", len(rows))
+                self._keep_gate(tokens, rows, self.router.decide_and_gate(loop[rows], h_in[rows])[1])
+            gate = tokens.extra["mor_gate"].to(h_out.dtype)
+            tokens.extra["mor_has_gate"] = tokens.extra["mor_has_gate"] & ~inside  # used: the next loop scores anew
             return torch.where(inside[:, None], h_in + gate[:, None] * h_out, h_out)
         if self.kind == "token":
             entering = loop == 0
