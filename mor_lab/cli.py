@@ -44,8 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None)
     bench.add_argument("--shallow-layer", type=int, default=None, help="early-exit: the exit's depth step count")
     bench.add_argument("--threshold", type=float, default=None, help="early-exit: the confidence threshold")
-    bench.add_argument("--measure", choices=("margin", "softmax", "meta"), default=None,
+    bench.add_argument("--measure", choices=("softmax_diff", "softmax_max", "margin", "softmax", "meta"), default=None,
                        help="early-exit: the confidence measure (meta: the trained classifier; no LM head to test)")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                       help="the engine's dtype (default float32; measure bfloat16: some CPUs run it ~2x faster, "
+                            "others slower)")
+    bench.add_argument("--random-weights", action="store_true",
+                       help="cdb/early-exit/generate: SmolLM2's shape with random weights (no model package needed)")
+    bench.add_argument("--head-rule", choices=("every-step", "cost", "both"), default=None,
+                       help="cdb/mor: the continuous engine's head rule(s) to measure (default both)")
+    bench.add_argument("--shapes", default=None, help="cdb/mor: comma-separated shapes for the sweep "
+                       "(smollm2,smollm2_vocab_div4,wide_small_head), or 'none'")
+    bench.add_argument("--repeats", type=int, default=None, help="interleaved repeats per method (median reported)")
+    bench.add_argument("--kernels", choices=("on", "off", "auto"), default=None,
+                       help="Triton kernels on the hot paths: on (a GPU; the interpreter on a CPU), off, auto")
 
     lab = sub.add_parser("lab", help="copy the notebooks into a folder and open JupyterLab there "
                          "(other options go to JupyterLab)")
@@ -88,10 +100,25 @@ def main(argv: list[str] | None = None) -> int:
         suite = importlib.import_module(SUITES[args.suite])
         kwargs = {"model_name": args.model, "quick": args.quick, "device": args.device,
                   "max_new_tokens": args.max_new_tokens}
-        for name in ("batch_sizes", "shallow_layer", "threshold", "measure"):
+        for name in ("batch_sizes", "shallow_layer", "threshold", "measure", "dtype", "head_rule", "repeats",
+                     "kernels"):
             if getattr(args, name, None) is not None:
                 kwargs[name] = getattr(args, name)
-        print(write_json(suite.run(**kwargs), args.json_path))
+        if args.random_weights:
+            kwargs["random_weights"] = True
+        if args.shapes is not None:
+            kwargs["shapes"] = () if args.shapes == "none" else tuple(args.shapes.split(","))
+        import inspect
+        accepted = inspect.signature(suite.run).parameters
+        unknown = [k for k, v in kwargs.items() if k not in accepted and v is not None]
+        if unknown:
+            parser.error(f"bench {args.suite} does not take {', '.join('--' + k.replace('_', '-') for k in unknown)}")
+        try:
+            report = suite.run(**kwargs)
+        except ValueError as e:
+            print(f"mor-lab: {e}", file=sys.stderr)
+            return 2
+        print(write_json(report, args.json_path))
         return 0
     if args.command == "lab":
         return _lab(args, extra)

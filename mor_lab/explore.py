@@ -1,7 +1,8 @@
 """The depth explorer: one prompt box, one plan picker, one knob; depth per token, batch timeline, tokens/s.
 
 ``DepthExplorer().widget`` is the whole app (``mor-lab explore`` serves it with Voila from
-``notebooks/depth_explorer.ipynb``). Every plan is the library's own engine, nothing re-implemented:
+``notebooks/depth_explorer.ipynb``). Every plan is a depth policy of the library's one engine (and a
+model), nothing re-implemented:
 
 - ``full``: every token runs all 30 layers (``generate_ids`` with the default policy);
 - ``early exit (CALM)``: one trained exit after 20 layers, per-row exit with state propagation;
@@ -18,7 +19,6 @@ Each prompt line is one request; with more requests than slots the CDB timeline 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
@@ -79,10 +79,9 @@ class DepthLab:
 
     def recursive(self):
         if self._recursive is None:
-            from .bench.cdb import lower_init_recursive
-            from .engine.loops import LoopStructure
-            structure = LoopStructure.middle_cycle(self.model.num_steps, 4)
-            self._recursive = (lower_init_recursive(self.model, structure), structure)
+            from .recursive import convert
+            self._recursive = convert(self.model, strategy="middle_cycle", num_recursions=4, init="lower",
+                                      tie_norms=True).model.eval()
         return self._recursive
 
     def mor(self, capacity: float):
@@ -112,46 +111,36 @@ class DepthLab:
         return self._mor
 
     # -- one run -----------------------------------------------------------------------------------
+    def policy(self, plan: str, knob: float | None):
+        """(model, policy, engine options) of a plan: the explorer picks a policy, never an engine."""
+        from .engine.policies import CalmExit, ConfidenceLoops, DepthPolicy, FreeDecoding, LoopExit, RoutedDepth
+        threshold = 0.5 if knob is None else float(knob)
+        if plan == FULL:
+            return self.model, DepthPolicy(), {}
+        if plan == EARLY:
+            return self.model, CalmExit(threshold, [EXIT_LAYER], measure="margin", per_row=True,
+                                        heads=self.heads()), {}
+        if plan == FREE:
+            return self.model, FreeDecoding(EXIT_LAYER, threshold, self.heads()), {}
+        continuous = {"slots": CDB_SLOTS, "mode": "continuous"}
+        if plan == RECURSIVE:
+            return self.recursive(), LoopExit(ConfidenceLoops(threshold)), continuous
+        if plan == MOR:
+            return self.mor(threshold), RoutedDepth(), continuous
+        raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
+
     def run(self, prompts: list[str], plan: str, knob: float | None = None) -> ExploreRun:
-        from .engine.cdb import cdb_generate
         from .engine.generate import encode_prompts, generate_ids
-        from .engine.loops import ConfidenceLoops
-        from .engine.policy import DepthPolicy
 
         prompts = [p.strip() for p in prompts if p.strip()] or ["Hello!"]
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
         ids = encode_prompts(self.tokenizer, prompts, chat=True)
-        eos = list(self.model.config.eos_token_ids)
-        n, threshold = self.max_new_tokens, 0.5 if knob is None else float(knob)
-        if plan in (FULL, EARLY, FREE):
-            if plan == FULL:
-                policy = DepthPolicy()
-            elif plan == EARLY:
-                from .early_exit.decoding import CalmExit
-                policy = CalmExit(threshold, [EXIT_LAYER], measure="margin", per_row=True, heads=self.heads())
-            else:
-                from .early_exit.free import FreeDecoding
-                policy = FreeDecoding(EXIT_LAYER, threshold, self.heads())
-            start = time.perf_counter()
-            out, trace = generate_ids(self.model, ids, n, eos_token_ids=eos, policy=policy)
-            max_depth = self.model.num_steps
-        elif plan == RECURSIVE:
-            model, structure = self.recursive()
-            start = time.perf_counter()
-            out, trace = cdb_generate(model, structure, ids, n, CDB_SLOTS, ConfidenceLoops(threshold),
-                                      eos_token_ids=eos)
-            max_depth = structure.num_steps
-        else:
-            from .mor.model import RoutedExit
-            model = self.mor(0.5 if knob is None else float(knob))
-            start = time.perf_counter()
-            out, trace = cdb_generate(model, model.structure, ids, n, CDB_SLOTS, RoutedExit(), eos_token_ids=eos)
-            max_depth = model.num_steps
-        seconds = time.perf_counter() - start
+        model, policy, engine = self.policy(plan, knob)
+        out, trace = generate_ids(model, ids, self.max_new_tokens, policy=policy, **engine)
         tokens = [[self.tokenizer.decode([t]) for t in seq] for seq in out]
         depths = [[tt.num_steps for tt in seq] for seq in trace.tokens]
-        return ExploreRun(plan, knob, prompts, tokens, depths, max_depth, trace, seconds)
+        return ExploreRun(plan, knob, prompts, tokens, depths, model.num_steps, trace, trace.seconds)
 
 
 # -------------------------------------------------------------------------------------------------

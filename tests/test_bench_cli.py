@@ -26,11 +26,12 @@ def test_bench_generate_writes_side_by_side_json(tiny_checkpoint, tmp_path):
     report = json.loads(out.read_text())
     assert report["suite"] == "generate"
     rows = {(r["method"], r["batch_size"]): r for r in report["results"]}
-    assert set(rows) == {("hf", 1), ("mor_lab", 1), ("hf", 3), ("mor_lab", 3)}
+    assert set(rows) == {(m, b) for m in ("hf", "mor_lab_exact", "mor_lab") for b in (1, 3)}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["roofline_fraction"]
         assert r["new_tokens"] == 4 * r["batch_size"]
-    assert rows[("mor_lab", 3)]["identical_to_hf"] is True
+    assert rows[("mor_lab_exact", 3)]["identical_to_hf"] is True  # HF's summation order: the same tokens
+    assert rows[("mor_lab", 3)]["predicted_s"] > 0 and rows[("mor_lab", 3)]["speedup_vs_hf"] > 0
     assert report["roofline"]["matmul_gflops"] > 0 and report["roofline"]["bandwidth_gbs"] > 0
 
 
@@ -46,23 +47,46 @@ def test_cli_generate_reports_bad_model_cleanly(tmp_path, capsys):
     assert "unsupported architecture" in capsys.readouterr().err
 
 
-def test_bench_cdb_reports_every_method_with_loops_and_utilization(tiny_checkpoint, tmp_path):
+def test_bench_cdb_reports_every_method_with_loops_utilization_and_the_cost_model(tiny_checkpoint, tmp_path):
     out = tmp_path / "cdb.json"
     assert main(["bench", "cdb", "--quick", "--model", str(tiny_checkpoint), "--batch-sizes", "4",
-                 "--max-new-tokens", "5", "--json", str(out)]) == 0
+                 "--max-new-tokens", "5", "--shapes", "none", "--repeats", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["results"]}
-    assert set(rows) == {"hf", "original", "recursive_full", "recursive_static_exit", "recursive_cdb",
+    assert set(rows) == {"original", "recursive_full", "recursive_static_exit", "recursive_cdb", "recursive_cdb_cost",
                          "recursive_static_exit_conf", "recursive_cdb_conf"}
     assert report["structure"] == {"prelude": 1, "block": 1, "loops": 4, "coda": 1, "strategy": "MIDDLE_CYCLE",
                                    "init": "lower (not uptrained)"}
     assert rows["recursive_full"]["mean_loops"] == 4
     assert 1 <= rows["recursive_cdb"]["mean_loops"] < 4
-    assert rows["recursive_cdb"]["mean_loops"] == rows["recursive_static_exit"]["mean_loops"]  # same decisions
+    for name in ("recursive_cdb", "recursive_cdb_cost"):
+        assert rows[name]["mean_loops"] == rows["recursive_static_exit"]["mean_loops"]  # same decisions
+        assert rows[name]["same_tokens_as_static_exit"] is True
     assert 0 < rows["recursive_static_exit"]["utilization"] <= 1
     assert rows["recursive_cdb"]["utilization_queue_nonempty"] == 1.0  # refilled slots never idle
-    cdb = rows["recursive_cdb"]
-    assert 1 < cdb["compute_ideal_speedup"] < cdb["ideal_speedup"]  # prelude, coda and head do not shrink
+    for name, r in rows.items():
+        if name != "original":
+            assert r["predicted_s"] > 0 and r["ideal_speedup"] > 0 and "fraction_of_ideal" in r
+            assert r["passes"]["layer"] > 0 and r["passes"]["head"] > 0
+    assert rows["recursive_cdb_cost"]["passes"]["head"] < rows["recursive_cdb"]["passes"]["head"]
+    assert report["cost_model"]["layer_ms"]["1"] > 0
+
+
+def test_bench_cdb_shape_sweep_on_random_weights(tmp_path, monkeypatch):
+    from mor_lab.bench import cdb
+    from mor_lab.models.config import ModelConfig
+    tiny = ModelConfig(vocab_size=8192, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4,
+                       num_kv_heads=2)
+    monkeypatch.setattr(cdb, "SMOLLM2_SHAPE", tiny)
+    monkeypatch.setattr(cdb, "SHAPES", {"a": tiny, "b": ModelConfig(**{**tiny.to_dict(), "vocab_size": 256})})
+    report = cdb.run(quick=True, batch_sizes=(3,), max_new_tokens=3, random_weights=True, shapes=("a", "b"),
+                     repeats=1, head_rule="every-step")
+    assert {r["method"] for r in report["results"]} == {"recursive_full", "recursive_static_exit", "recursive_cdb",
+                                                       "recursive_static_exit_conf", "recursive_cdb_conf"}
+    shares = {r["shape"]: r["head_share"] for r in report["shape_sweep"]}
+    assert shares["b"] < shares["a"]  # the smaller vocabulary gives the head a smaller share
+    with pytest.raises(ValueError, match="unknown shape"):
+        cdb.run(quick=True, batch_sizes=(2,), max_new_tokens=2, random_weights=True, shapes=("nope",), repeats=1)
 
 
 @pytest.mark.smollm2

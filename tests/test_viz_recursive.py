@@ -2,7 +2,7 @@
 import torch
 
 from mor_lab import Decoder
-from mor_lab.engine.loops import LoopStructure
+from mor_lab.engine.plan import LoopStructure
 from mor_lab.models.config import ModelConfig
 from mor_lab.recursive import STRATEGIES, SharingPlan
 from mor_lab.viz.recursive import perplexity_figure, sharing_figure
@@ -40,7 +40,7 @@ def _tiny():
 def test_scheduler_dashboard_reruns_both_schedulers_when_the_controls_move():
     model, structure = _tiny()
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14]]
-    board = SchedulerDashboard(model, structure, prompts, max_new_tokens=3, slots=2)
+    board = SchedulerDashboard(model, prompts, max_new_tokens=3, slots=2)
     (static_ids, static_trace), (cdb_ids, cdb_trace) = board.runs.values()
     assert static_ids == cdb_ids  # same exit decisions: same tokens
     assert loop_steps(cdb_trace) < loop_steps(static_trace)  # refilled slots: fewer passes of the block

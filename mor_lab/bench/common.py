@@ -1,7 +1,11 @@
-"""Shared benchmark plumbing: timing, peak memory, machine roofline, JSON output.
+"""Shared benchmark plumbing: timed engine runs, the cost-model columns, peak memory, roofline, JSON.
 
 Speed targets live here, not in timed tests: machines are shared and noisy, so every suite measures
-its methods side by side in one run and reports ratios.
+its methods side by side in one run (interleaved repeats, medians) and reports ratios. Every row that
+comes from the engine carries the cost model's columns: ``predicted_s`` (the run priced pass by pass),
+``prediction_error``, ``ideal_speedup`` (the reference's ideal time over this run's ideal time: the same
+work with every pass at full batch), ``fraction_of_ideal`` (measured speedup / ideal speedup), the
+pass counts and the predicted time per kind of pass (the per-step cost breakdown).
 """
 from __future__ import annotations
 
@@ -96,10 +100,75 @@ def machine_peaks(device: torch.device, quick: bool = False) -> dict:
 
 def environment(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "machine": platform.machine(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "cpu": _cpu_name()}
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def parse_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The engine dtype a benchmark runs in; a clear error for one the device cannot run."""
+    from ..engine.scheduler import DTYPES
+    if name is None:
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    dtype = DTYPES[name]
+    if torch.device(device).type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU cannot run bfloat16; use --dtype float16 or float32")
+    return dtype
+
+
+def engine_runs(jobs: dict, repeats: int, device) -> dict:
+    """Run every job ``repeats`` times, interleaved (a-b-c, a-b-c, ...) so drift in the machine's speed
+    hits all alike; returns name -> (ids, trace of the median run, seconds of every run)."""
+    out: dict[str, tuple] = {}
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    runs: dict[str, list] = {name: [] for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            with timer(device) as elapsed:
+                ids, trace = job()
+            times[name].append(elapsed())
+            runs[name].append((ids, trace))
+    for name in jobs:
+        order = sorted(range(repeats), key=lambda i: times[name][i])
+        ids, trace = runs[name][order[len(order) // 2]]
+        out[name] = (ids, trace, times[name])
+    return out
+
+
+def median(values: list[float]) -> float:
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def cost_columns(cost, trace, seconds: float, reference=None, reference_seconds: float | None = None,
+                 reference_cost=None) -> dict:
+    """The cost model's columns of a row; with a reference run (same requests), the speedups and ideal.
+    ``reference_cost``: the reference model's own cost model when it is another model (MoR vs vanilla)."""
+    reference_cost = reference_cost or cost
+    predicted = cost.predict(trace)
+    row = {"predicted_s": round(predicted, 4), "prediction_error": round(predicted / seconds - 1, 3),
+           "passes": trace.pass_counts(),
+           "predicted_breakdown_s": {k: round(v, 4) for k, v in cost.breakdown(trace).items()}}
+    if reference is not None:
+        ideal = reference_cost.ideal(reference) / cost.ideal(trace)
+        measured = reference_seconds / seconds
+        row.update({"speedup": round(measured, 3), "ideal_speedup": round(ideal, 3),
+                    "fraction_of_ideal": round(measured / ideal, 3),
+                    "predicted_speedup": round(reference_cost.predict(reference) / predicted, 3)})
+    return row
 
 
 def write_json(report: dict, path: str | Path | None) -> str:

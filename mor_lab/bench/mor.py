@@ -1,4 +1,4 @@
-"""``mor-lab bench mor``: decode throughput of Mixture-of-Recursions against a vanilla model.
+"""``mor-lab bench mor``: decode throughput of Mixture-of-Recursions against a vanilla model, on the one engine.
 
 SmolLM2's 30-layer shape with random weights (speed only): ``vanilla`` runs 30 layers per token;
 ``mor{N}`` (N = 2, 3, 4 recursions) is MIDDLE_CYCLE with expert-choice routing (first and last layer
@@ -7,12 +7,15 @@ logit > threshold, per token and loop); on random weights the thresholds are cal
 boundary of the capacities ``(N - r) / N`` (:func:`mor_lab.mor.calibrate_thresholds`), so the routed
 depths follow the capacities. Each MoR model decodes with static batching (``mor{N}_static``: a step
 waits for its deepest row; the next batch starts when this one ends) and with continuous depth-wise
-batching (``mor{N}_cdb``: freed slots take the next token or request at once). Greedy, EOS disabled,
-more requests than slots. Recursion-wise KV caching (the default scheme) throughout.
+batching (``mor{N}_cdb``: freed slots take the next token or request at once; ``mor{N}_cdb_cost``: twice
+as many sequences in flight as slots, the head called when the cost model says the wait pays). Greedy,
+EOS disabled, more requests than slots. Recursion-wise KV caching (the default scheme) throughout.
 
-KV memory per row is what the batch holds at the end (``batch x context x per-token KV``, per-token KV
-from the measured routed depths). A second mode gives every model the same memory for weights + KV
-cache and runs each at the largest batch that fits (how the paper measured its up-to-2.06x).
+Every row carries the cost model's columns against ``vanilla`` (``bench.common.cost_columns``; each
+model priced by its own calibration). A shape sweep repeats N_r = 3 with a 4x smaller vocabulary and a
+wider shape whose head is under 7 % of a token. KV memory per scheme is checked against the formulas,
+and a second mode gives every model the same memory for weights + KV cache and runs each at the
+largest batch that fits (how the paper measured its up-to-2.06x).
 """
 from __future__ import annotations
 
@@ -21,17 +24,16 @@ import json
 
 import torch
 
-from ..engine.cdb import cdb_generate
+from ..engine.cost import CostModel, weight_bytes
 from ..engine.generate import generate_ids
-from ..engine.trace import Trace
+from ..engine.policies import RoutedDepth
 from ..models.config import ModelConfig
-from ..mor.model import MoRConfig, MoRModel, RoutedDepth, RoutedExit, calibrate_thresholds
-from .common import environment, timer
+from ..mor.model import MoRConfig, MoRModel, calibrate_thresholds
+from .cdb import SHAPES, SMOLLM2_SHAPE
+from .common import cost_columns, engine_runs, environment, median, parse_dtype
 
-SMOLLM2_SHAPE = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                            num_kv_heads=3, max_position_embeddings=8192,
-                            rope={"rope_type": "default", "rope_theta": 100000.0})
 PAPER_MEMORY_SPEEDUP = 2.06  # MoR's best throughput ratio over vanilla at equal memory (paper, Fig. 4a)
+HEAD_RULES = ("every-step", "cost")
 
 
 def bench_prompts(count: int, vocab_size: int, lengths: tuple[int, int], seed: int = 0) -> list[list[int]]:
@@ -40,7 +42,7 @@ def bench_prompts(count: int, vocab_size: int, lengths: tuple[int, int], seed: i
     return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in sizes]
 
 
-def build_models(shape: ModelConfig, recursions, device, seed: int = 0) -> dict[str, MoRModel]:
+def build_models(shape: ModelConfig, recursions, device, seed: int = 0, dtype=torch.float32) -> dict[str, MoRModel]:
     """The vanilla model and one expert-choice MoR model per N_r, random weights, calibrated thresholds."""
     torch.manual_seed(seed)
     models = {"vanilla": MoRModel(MoRConfig(shape, kind="vanilla")).to(device).eval()}
@@ -49,30 +51,22 @@ def build_models(shape: ModelConfig, recursions, device, seed: int = 0) -> dict[
         model = MoRModel(MoRConfig(shape, kind="expert", num_recursions=n)).to(device).eval()
         calibrate_thresholds(model, calibration.to(device))
         models[f"mor{n}"] = model
-    return models
+    return {k: m.to(dtype) for k, m in models.items()}
 
 
-def _static(model, prompts, max_new_tokens, slots, policy_factory):
-    ids, trace = [], Trace(num_steps=model.num_steps)
-    for i in range(0, len(prompts), slots):  # static batching: the next batch starts when this one ends
-        out, part = generate_ids(model, prompts[i:i + slots], max_new_tokens, eos_token_ids=[],
-                                 policy=policy_factory())
-        ids += out
-        trace.tokens += part.tokens
-        trace.engine_steps += part.engine_steps
-    return ids, trace
+def _jobs(model, prompts, max_new_tokens, batch_size, rules, cost):
+    run = lambda **kw: (lambda: generate_ids(model, prompts, max_new_tokens, eos_token_ids=[], slots=batch_size,  # noqa
+                                             cost=cost, **kw))
+    if model.structure is None:
+        return {"static": run()}
+    jobs = {"static": run(policy=RoutedDepth())}
+    for rule in rules:
+        jobs["cdb" if rule == "every-step" else "cdb_cost"] = run(policy=RoutedDepth(), mode="continuous",
+                                                                  head_rule=rule)
+    return jobs
 
 
-def decode_one(model: MoRModel, method: str, prompts, max_new_tokens: int, batch_size: int) -> dict:
-    """Serve ``prompts`` with ``batch_size`` slots; one row of the report."""
-    def fn():
-        if method == "cdb":
-            return cdb_generate(model, model.structure, prompts, max_new_tokens, batch_size, RoutedExit())
-        return _static(model, prompts, max_new_tokens, batch_size,
-                       RoutedDepth if model.structure is not None else (lambda: None))
-    with torch.inference_mode(), timer(model.device) as elapsed:
-        ids, trace = fn()
-    seconds = elapsed()
+def describe(model: MoRModel, ids, trace, seconds: float, prompts, max_new_tokens: int, batch_size: int) -> dict:
     tokens = sum(map(len, ids))
     decoded = [t for seq in trace.tokens for t in seq[1:]]  # the first token of each request comes from prefill
     mean_layers = sum(t.num_steps for t in decoded) / max(1, len(decoded))
@@ -85,6 +79,30 @@ def decode_one(model: MoRModel, method: str, prompts, max_new_tokens: int, batch
             "mean_loops": round(mean_loops, 3),
             "kv_cache_mb": round(batch_size * context * model.kv_bytes_per_token(mean_loops) / 2**20, 3),
             "utilization": round(trace.utilization(kinds), 3)}
+
+
+def measure(models, costs, prompts, max_new_tokens, batch_size, rules, repeats, device) -> list[dict]:
+    jobs = {}
+    for name, model in models.items():
+        for method, job in _jobs(model, prompts, max_new_tokens, batch_size, rules, costs[name]).items():
+            jobs["vanilla" if model.structure is None else f"{name}_{method}"] = job
+    results = engine_runs(jobs, repeats, device)
+    _, ref_trace, ref_times = results["vanilla"]
+    rows = {}
+    for key, (ids, trace, times) in results.items():
+        name = key if key == "vanilla" else key.split("_")[0]
+        seconds = median(times)
+        row = {"method": key, **describe(models[name], ids, trace, seconds, prompts, max_new_tokens, batch_size),
+               "seconds_all": [round(t, 3) for t in times]}
+        row.update(cost_columns(costs[name], trace, seconds, ref_trace, median(ref_times), costs["vanilla"]))
+        row["speedup_vs_vanilla"] = row.pop("speedup")
+        rows[key] = row
+    for key in rows:
+        if "_cdb" in key:
+            static = key.split("_")[0] + "_static"
+            rows[key]["speedup_vs_static"] = round(rows[key]["tokens_per_s"] / rows[static]["tokens_per_s"], 3)
+            rows[key]["same_tokens_as_static"] = results[key][0] == results[static][0]
+    return list(rows.values())
 
 
 def kv_memory(models: dict[str, MoRModel], context: int, batch_size: int) -> list[dict]:
@@ -110,73 +128,88 @@ def kv_memory(models: dict[str, MoRModel], context: int, batch_size: int) -> lis
     return rows
 
 
-def weight_bytes(model: MoRModel) -> int:
-    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32), max_new_tokens: int | None = None,
         device: str | None = None, recursions=(2, 3, 4), shape: ModelConfig | None = None,
-        max_memory_batch: int | None = None) -> dict:
+        max_memory_batch: int | None = None, dtype: str | None = None, head_rule: str | None = None, shapes=None,
+        repeats: int | None = None, kernels: str | None = None) -> dict:
     if model_name is not None:
         raise ValueError("bench mor uses SmolLM2's shape with random weights; it takes no --model")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = parse_dtype(dtype, device)
+    rules = HEAD_RULES if head_rule in (None, "both") else (head_rule,)
     shape = shape or SMOLLM2_SHAPE
-    max_new_tokens = max_new_tokens or (8 if quick else 32)
+    max_new_tokens = max_new_tokens or (12 if quick else 32)
+    repeats = repeats or 3
     lengths = (4, 12) if quick else (16, 64)
     max_memory_batch = max_memory_batch or max(batch_sizes) * (2 if quick else 8)
-    models = build_models(shape, recursions, device)
-    warm = bench_prompts(2, shape.vocab_size, (4, 6))
-    for name, model in models.items():  # warm-up
-        decode_one(model, "cdb" if model.structure else "static", warm, 2, 2)
+    from .. import kernels as kernel_backends
+    backend = {"on": "triton", "off": "reference", None: "auto", "auto": "auto"}[kernels]
+    with kernel_backends.use(backend):
+        models = build_models(shape, recursions, device, dtype=torch_dtype)
+        rows_needed = 2 * max(max(batch_sizes), 1)
+        costs = {name: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 3)
+                 for name, m in models.items()}
+        warm = bench_prompts(2, shape.vocab_size, (4, 6))
+        for name, model in models.items():  # warm-up
+            for job in _jobs(model, warm, 2, 2, rules, costs[name]).values():
+                job()
 
-    results = []
-    for batch_size in batch_sizes:
-        prompts = bench_prompts(batch_size * 3 // 2 if quick else batch_size * 2, shape.vocab_size, lengths,
-                                seed=batch_size)
-        rows = {"vanilla": {"method": "vanilla", **decode_one(models["vanilla"], "static", prompts, max_new_tokens,
-                                                              batch_size)}}
-        for n in recursions:
-            for method in ("static", "cdb"):
-                rows[f"mor{n}_{method}"] = {"method": f"mor{n}_{method}", **decode_one(
-                    models[f"mor{n}"], method, prompts, max_new_tokens, batch_size)}
-        vanilla = rows["vanilla"]
-        for n in recursions:
-            for method in ("static", "cdb"):
-                r = rows[f"mor{n}_{method}"]
-                r["speedup_vs_vanilla"] = round(r["tokens_per_s"] / vanilla["tokens_per_s"], 3)
-                r["ideal_speedup"] = round(vanilla["mean_layers"] / r["mean_layers"], 3)
-                r["fraction_of_ideal"] = round(r["speedup_vs_vanilla"] / r["ideal_speedup"], 3)
-            rows[f"mor{n}_cdb"]["speedup_vs_static"] = round(
-                rows[f"mor{n}_cdb"]["tokens_per_s"] / rows[f"mor{n}_static"]["tokens_per_s"], 3)
-        results += rows.values()
+        results = []
+        for batch_size in batch_sizes:
+            prompts = bench_prompts(batch_size * 3 // 2 if quick else batch_size * 2, shape.vocab_size, lengths,
+                                    seed=batch_size)
+            results += measure(models, costs, prompts, max_new_tokens, batch_size, rules, repeats, device)
 
-    # Equal memory for weights + KV: the vanilla model at the largest batch size, each MoR model at the
-    # largest batch that fits the same bytes (capped to keep CPU runs short; the uncapped size is reported).
-    base_batch = max(batch_sizes)
-    context = (lengths[0] + lengths[1]) / 2 + max_new_tokens
-    budget = weight_bytes(models["vanilla"]) + base_batch * context * models["vanilla"].kv_bytes_per_token()
-    memory_rows = []
-    for name, model in models.items():
-        loops = sum(model.router.config.capacity) if model.structure else None
-        fits = int((budget - weight_bytes(model)) // (context * model.kv_bytes_per_token(loops)))
-        batch = min(fits, max_memory_batch)
-        prompts = bench_prompts(batch * 3 // 2 if quick else batch * 2, shape.vocab_size, lengths, seed=batch)
-        row = decode_one(model, "cdb" if model.structure else "static", prompts, max_new_tokens, batch)
-        memory_rows.append({"method": "vanilla" if model.structure is None else f"{name}_cdb", **row,
-                            "max_batch_in_budget": fits, "capped": fits > batch,
-                            "weights_mb": round(weight_bytes(model) / 2**20, 1)})
-    for row in memory_rows:
-        row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / memory_rows[0]["tokens_per_s"], 3)
+        # Equal memory for weights + KV: the vanilla model at the largest batch size, each MoR model at the
+        # largest batch that fits the same bytes (capped to keep CPU runs short; the uncapped size is reported).
+        base_batch = max(batch_sizes)
+        context = (lengths[0] + lengths[1]) / 2 + max_new_tokens
+        budget = weight_bytes(models["vanilla"]) + base_batch * context * models["vanilla"].kv_bytes_per_token()
+        memory_rows = []
+        for name, model in models.items():
+            loops = sum(model.router.config.capacity) if model.structure else None
+            fits = int((budget - weight_bytes(model)) // (context * model.kv_bytes_per_token(loops)))
+            batch = min(fits, max_memory_batch)
+            prompts = bench_prompts(batch * 3 // 2 if quick else batch * 2, shape.vocab_size, lengths, seed=batch)
+            method = "static" if model.structure is None else "cdb"
+            job = _jobs(model, prompts, max_new_tokens, batch, ("every-step",), costs[name])[method]
+            ids, trace, times = engine_runs({"run": job}, 1, device)["run"]
+            row = describe(model, ids, trace, median(times), prompts, max_new_tokens, batch)
+            memory_rows.append({"method": "vanilla" if model.structure is None else f"{name}_cdb", **row,
+                                "max_batch_in_budget": fits, "capped": fits > batch,
+                                "weights_mb": round(weight_bytes(model) / 2**20, 1)})
+        for row in memory_rows:
+            row["speedup_vs_vanilla"] = round(row["tokens_per_s"] / memory_rows[0]["tokens_per_s"], 3)
+
+        sweep = []
+        if shapes is None:
+            shapes = () if device.type == "cuda" else ("smollm2_vocab_div4", "wide_small_head")
+        for name in shapes:
+            if name not in SHAPES:
+                raise ValueError(f"unknown shape {name!r}; allowed: {', '.join(SHAPES)}")
+            swept = build_models(SHAPES[name], (3,), device, dtype=torch_dtype)
+            swept_costs = {k: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 3)
+                           for k, m in swept.items()}
+            b = base_batch
+            prompts = bench_prompts(b * 3 // 2 if quick else b * 2, SHAPES[name].vocab_size, lengths, seed=b)
+            for row in measure(swept, swept_costs, prompts, max_new_tokens, b, rules, repeats, device):
+                regime = swept_costs["vanilla"].regime(b)
+                sweep.append({"shape": name, "head_share": regime["head_share"], "regime": regime["regime"], **row})
+            del swept
 
     return {"suite": "mor", "model": "random weights, shape " + json.dumps(shape.to_dict()),
-            "quick": quick, "max_new_tokens": max_new_tokens, "prompt_lengths": list(lengths), "dtype": "float32",
+            "quick": quick, "max_new_tokens": max_new_tokens, "prompt_lengths": list(lengths),
+            "dtype": str(torch_dtype).replace("torch.", ""), "kernels": backend, "repeats": repeats,
             "recursions": list(recursions), "routing": "expert-choice, capacities (N-r)/N, causal threshold rule "
                                                       "calibrated to the top-k boundary; recursion-wise KV caching",
-            "environment": environment(device), "results": results,
+            "environment": environment(device), "results": results, "shape_sweep": sweep,
+            "cost_model": {name: {"calibration_s": round(c.seconds, 2), "regime": c.regime(max(batch_sizes))}
+                           for name, c in costs.items()},
             "kv_memory": {"context": int(context), "batch_size": base_batch,
                           "rows": kv_memory(models, int(context), base_batch)},
             "equal_memory": {"budget_mb": round(budget / 2**20, 1), "paper_speedup": PAPER_MEMORY_SPEEDUP,
                              "max_batch_cap": max_memory_batch, "results": memory_rows},
-            "note": "ideal speedup = vanilla layers per token / mean layers per decoded token (30 / (2 + K x mean "
-                    "loops)); kv_cache_mb counts what the batch holds at the end (recursion-wise: only tokens "
-                    "that reached a loop are cached in it)."}
+            "note": "speedups are against vanilla at the same batch (static batching, full depth); ideal_speedup = "
+                    "vanilla's ideal time (cost model) / this run's ideal time (its own cost model: the same depths "
+                    "with every pass at full batch); kv_cache_mb counts what the batch holds at the end "
+                    "(recursion-wise: only tokens that reached a loop are cached in it)."}

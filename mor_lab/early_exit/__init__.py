@@ -15,7 +15,7 @@ __all__ = ["MEASURES", "AdaptiveThreshold", "CalmExit", "ExitConfig", "ExitHeads
 def __getattr__(name):
     """The decoding policies live in the engine (``mor_lab.engine.policies``); imported lazily here, since
     the engine's policies import this package's confidence measures."""
-    if name in ("CalmExit", "FreeDecoding", "StaticExit"):
+    if name in ("CalmExit", "FreeDecoding", "StaticExit", "early_exit_policy"):
         from ..engine import policies
         return getattr(policies, name)
     raise AttributeError(f"module 'mor_lab.early_exit' has no attribute {name!r}")

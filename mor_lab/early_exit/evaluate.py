@@ -9,7 +9,6 @@ model's output: does the policy predict the same next token given the same prefi
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -42,16 +41,13 @@ def decode_layers_per_token(trace: Trace) -> float:
 
 
 def run_policy(model, prompt_ids, policy, max_new_tokens: int, name: str | None = None,
-               threshold: float | None = None) -> PolicyRun:
-    """Greedy decoding with EOS disabled (every method produces the same number of tokens), timed."""
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    ids, trace = generate_ids(model, prompt_ids, max_new_tokens, eos_token_ids=[], policy=policy)
-    sync()
-    seconds = time.perf_counter() - start
-    return PolicyRun(name or getattr(policy, "name", "full"), len(prompt_ids), seconds, sum(map(len, ids)),
-                     decode_layers_per_token(trace), ids, trace, threshold)
+               threshold: float | None = None, slots: int | None = None, **engine) -> PolicyRun:
+    """Greedy decoding with EOS disabled (every method produces the same number of tokens), timed;
+    ``slots``: static batches of this many requests (default all at once)."""
+    ids, trace = generate_ids(model, prompt_ids, max_new_tokens, eos_token_ids=[], policy=policy, slots=slots,
+                              **engine)
+    return PolicyRun(name or getattr(policy, "name", "full"), slots or len(prompt_ids), trace.seconds,
+                     sum(map(len, ids)), decode_layers_per_token(trace), ids, trace, threshold)
 
 
 def agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
@@ -87,23 +83,6 @@ def generated_perplexity(model, prompt_ids, outputs: list[list[int]]) -> float:
         nll -= logp[torch.arange(len(out)), torch.tensor(out, device=model.device)].sum().item()
         count += len(out)
     return math.exp(nll / count)
-
-
-def layer_flops(model, context: int) -> float:
-    """FLOPs of one depth step for one token: 2 x parameters + attention over ``context`` keys."""
-    c = model.config
-    params = c.hidden_size * c.head_dim * 2 * (c.num_heads + c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
-    return 2 * params + 4 * c.num_heads * c.head_dim * context
-
-
-def flops_per_token(model, mean_layers: float, context: int, head_calls: float = 1.0) -> float:
-    """Estimated FLOPs per generated token: executed depth steps plus ``head_calls`` LM-head evaluations.
-
-    State propagation of skipped steps (two KV projections each) is included."""
-    c = model.config
-    kv = 2 * 2 * c.hidden_size * c.head_dim * c.num_kv_heads
-    skipped = model.num_steps - mean_layers
-    return mean_layers * layer_flops(model, context) + skipped * kv + head_calls * 2 * c.vocab_size * c.hidden_size
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

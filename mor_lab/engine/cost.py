@@ -77,7 +77,7 @@ def _interp(xs: list[int], ys: list[float], x: float) -> float:
         return ys[0] * x / xs[0] if x < xs[0] else ys[0]
     i = bisect_left(xs, x)
     if i >= len(xs):
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
         return ys[-1] + slope * (x - xs[-1])
     x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
@@ -88,17 +88,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, reps: int, device) -> float:
+def _best_time(fn, reps: int, device) -> float:
+    """The fastest of ``reps`` timed calls (after one warm-up): noise on a shared machine only adds time."""
     fn()
-    times = []
+    best = float("inf")
     for _ in range(reps):
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _envelope(ys: list[float]) -> list[float]:
+    """Costs never fall as rows grow: a point above a later one is noise, lowered to it."""
+    out = list(ys)
+    for i in range(len(out) - 2, -1, -1):
+        out[i] = min(out[i], out[i + 1])
+    return out
 
 
 @dataclass
@@ -234,22 +242,23 @@ class CostModel:
             ref_keys = 32
             scratch = _Scratch(model, max(rows), ref_keys)
             for n in rows:
-                layer_s.append(_median_time(lambda: scratch.layers(n), reps, device) / scratch.count)
-                head_s.append(_median_time(lambda: scratch.head(n), reps, device))
-                test_s.append(_median_time(lambda: scratch.test(n), reps, device))
-                prop_s.append(_median_time(lambda: scratch.propagate(n), reps, device))
+                layer_s.append(_best_time(lambda: scratch.layers(n), reps, device) / scratch.count)
+                head_s.append(_best_time(lambda: scratch.head(n), reps, device))
+                test_s.append(_best_time(lambda: scratch.test(n), reps, device))
+                prop_s.append(_best_time(lambda: scratch.propagate(n), reps, device))
             del scratch
             long_keys = 512
             long = _Scratch(model, 8, long_keys)
-            t_long = _median_time(lambda: long.layers(8), reps, device) / long.count
+            t_long = _best_time(lambda: long.layers(8), reps, device) / long.count
             short = _interp(rows, layer_s, 8)
             key_s = max(0.0, (t_long - short) / (8 * (long_keys - ref_keys)))
             del long
-            small_s = _median_time(lambda: torch.nn.functional.linear(torch.randn(8, model.config.hidden_size,
+            small_s = _best_time(lambda: torch.nn.functional.linear(torch.randn(8, model.config.hidden_size,
                                                                                   device=device, dtype=model.dtype),
                                                                       torch.randn(1, model.config.hidden_size,
                                                                                   device=device, dtype=model.dtype)),
                                    reps, device)
+        layer_s, head_s, test_s, prop_s = (_envelope(v) for v in (layer_s, head_s, test_s, prop_s))
         cost = cls(device=str(device), dtype=str(model.dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                    rows=rows, layer_s=layer_s, head_s=head_s, test_s=test_s, propagate_s=prop_s, key_s=key_s,
                    ref_keys=ref_keys, small_s=small_s, num_steps=model.num_steps,
@@ -293,8 +302,8 @@ def measure_layouts(model, reps: int = 3) -> tuple[int | None, int | None]:
             found = None
             for n in (2, 3, 4, 8, 16, 32):
                 x = torch.randn(n, layer.mlp.up_proj.in_features, device=device, dtype=dtype)
-                plain = _median_time(lambda: [torch.nn.functional.linear(x, w) for w in weights[name]], reps, device)
-                flipped = _median_time(lambda: [torch.mm(w, x.T).T.contiguous() for w in weights[name]], reps, device)
+                plain = _best_time(lambda: [torch.nn.functional.linear(x, w) for w in weights[name]], reps, device)
+                flipped = _best_time(lambda: [torch.mm(w, x.T).T.contiguous() for w in weights[name]], reps, device)
                 if flipped < 0.95 * plain:
                     found = n
                     break

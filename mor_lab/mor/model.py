@@ -242,10 +242,9 @@ class MoRModel(Decoder):
     # ---------------------------------------------------------------------------------------------
     # FLOPs and memory.
     def layer_flops(self) -> int:
-        """Matmul FLOPs of one layer per token (2 x parameters)."""
-        c = self.config
-        return 2 * (c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-                    + 3 * c.hidden_size * c.intermediate_size)
+        """Matmul FLOPs of one layer per token (2 x parameters; the accounting of ``engine.cost``)."""
+        from ..engine.cost import layer_params
+        return 2 * layer_params(self.config)
 
     def forward_flops(self, loops: torch.Tensor | None, seq_len: int, batch_size: int = 1) -> float:
         """FLOPs of one forward pass over ``batch_size x seq_len`` tokens with these routing decisions
@@ -254,7 +253,8 @@ class MoRModel(Decoder):
         attn_pair = 4 * c.num_heads * c.head_dim  # QK^T and AV, per (query, key) pair and layer
         full_pairs = batch_size * seq_len * (seq_len + 1) / 2
         tokens = batch_size * seq_len
-        flops = tokens * 2 * c.hidden_size * c.vocab_size
+        from ..engine.cost import head_flops
+        flops = tokens * head_flops(c)
         st = self.structure
         if st is None:
             return flops + self.num_steps * (tokens * self.layer_flops() + full_pairs * attn_pair)

@@ -1,7 +1,8 @@
 """Static batching vs continuous depth-wise batching, side by side, driven by the real schedulers.
 
-``SchedulerDashboard`` runs ``static_generate`` and ``cdb_generate`` (the engine's own code) with a
-fixed exit-depth distribution and draws both slot x step timelines colored by loop. Sliders change
+``SchedulerDashboard`` runs the one engine in static and in continuous mode (``generate_ids`` with a
+``LoopExit`` policy) with a fixed exit-depth distribution and draws both slot x step timelines colored
+by loop. Sliders change
 the batch size and the distribution (rerunning both schedulers) and play the timelines step by step.
 With ``FixedLoops`` the exit decisions do not depend on the model's weights, so a tiny random model
 shows exactly the schedule a large one would get, in milliseconds.
@@ -11,8 +12,8 @@ from __future__ import annotations
 import ipywidgets as widgets
 import plotly.graph_objects as go
 
-from ..engine.cdb import cdb_generate
-from ..engine.loops import FixedLoops, LoopStructure, static_generate
+from ..engine.generate import generate_ids
+from ..engine.policies import FixedLoops, LoopExit
 from ..engine.trace import Trace
 from .timeline import utilization_timeline
 from .widgets import static_bundle
@@ -31,12 +32,13 @@ def loop_steps(trace: Trace) -> int:
     return sum(1 for s in trace.engine_steps if s.kind.startswith("loop"))
 
 
-def scheduler_runs(model, structure: LoopStructure, prompts: list[list[int]], max_new_tokens: int, slots: int,
-                   probs: list[float], seed: int = 0) -> dict[str, tuple[list, Trace]]:
-    """Both schedulers on the same requests and the same per-token exit depths."""
+def scheduler_runs(model, prompts: list[list[int]], max_new_tokens: int, slots: int, probs: list[float],
+                   seed: int = 0) -> dict[str, tuple[list, Trace]]:
+    """Both modes of the engine on the same requests and the same per-token exit depths."""
     rule = FixedLoops(probs, seed=seed)
-    return {"static batching": static_generate(model, structure, prompts, max_new_tokens, slots, rule),
-            "continuous depth-wise batching": cdb_generate(model, structure, prompts, max_new_tokens, slots, rule)}
+    run = lambda mode: generate_ids(model, prompts, max_new_tokens, eos_token_ids=[], policy=LoopExit(rule),  # noqa
+                                    slots=slots, mode=mode)
+    return {"static batching": run("static"), "continuous depth-wise batching": run("continuous")}
 
 
 def schedule_summary(runs: dict[str, tuple[list, Trace]]) -> str:
@@ -54,9 +56,8 @@ def schedule_summary(runs: dict[str, tuple[list, Trace]]) -> str:
 class SchedulerDashboard:
     """Batch size, exit distribution and a step player over the two schedulers' timelines."""
 
-    def __init__(self, model, structure: LoopStructure, prompts: list[list[int]], max_new_tokens: int = 6,
-                 slots: int = 4):
-        self.model, self.structure, self.prompts, self.max_new_tokens = model, structure, prompts, max_new_tokens
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int = 6, slots: int = 4):
+        self.model, self.prompts, self.max_new_tokens = model, prompts, max_new_tokens
         self.figures = {name: go.FigureWidget() for name in ("static batching", "continuous depth-wise batching")}
         self.summary = widgets.HTML()
         style, layout = {"description_width": "initial"}, widgets.Layout(width="420px")
@@ -77,7 +78,7 @@ class SchedulerDashboard:
 
     def rerun(self) -> dict:
         """Run both schedulers with the current controls and redraw."""
-        self.runs = scheduler_runs(self.model, self.structure, self.prompts, self.max_new_tokens, self.slots.value,
+        self.runs = scheduler_runs(self.model, self.prompts, self.max_new_tokens, self.slots.value,
                                    DISTRIBUTIONS[self.distribution.value])
         longest = 0
         for name, (_, trace) in self.runs.items():

@@ -153,3 +153,24 @@ class CalmExit(DepthPolicy):
             if bool(here.any()):
                 out[here] = self.heads.adapt(h[here], segment.stop)
         return out
+
+
+EARLY_EXIT_METHODS = ("full", "static", "calm", "calm_per_row", "free", "free_adaptive")
+
+
+def early_exit_policy(method: str, shallow_layer: int, threshold: float, heads=None, measure: str = "margin"):
+    """One exit after ``shallow_layer`` steps, by name: ``full``, ``static``, ``calm`` (batch semantics),
+    ``calm_per_row``, ``free`` (fixed threshold) or ``free_adaptive`` (the Beta-mixture threshold)."""
+    from ...early_exit.threshold import AdaptiveThreshold
+    from .free import FreeDecoding
+    if method == "full":
+        return DepthPolicy()
+    if method == "static":
+        return StaticExit(shallow_layer, heads)
+    if method in ("calm", "calm_per_row"):
+        return CalmExit(threshold, [shallow_layer], measure=measure, per_row=method == "calm_per_row", heads=heads)
+    if method == "free":
+        return FreeDecoding(shallow_layer, threshold, heads, measure=measure)
+    if method == "free_adaptive":
+        return FreeDecoding(shallow_layer, AdaptiveThreshold(), heads, measure=measure)
+    raise ValueError(f"unknown early-exit method {method!r}; allowed: {', '.join(EARLY_EXIT_METHODS)}")
