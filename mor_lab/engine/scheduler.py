@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from functools import partial
 
 import torch
 
@@ -137,7 +138,9 @@ class Scheduler:
         self.waiting = Tokens.empty(d, device, model.dtype)
         self.queue = deque(range(n))
         self.outputs: list[list[int]] = [[] for _ in range(n)]
-        self.trace = Trace(num_steps=model.num_steps, tokens=[[] for _ in range(n)], slots=B)
+        labels = [self.policy.label(i) for i in range(len(self.policy.segments))]
+        self.trace = Trace(num_steps=model.num_steps, tokens=[[] for _ in range(n)], slots=B,
+                           labeler=partial(_label, R, labels, self.group_kind))
         self.lens: dict[int, list] = {}
         self.tick = 0
         self.head_batch = self._head_batch() if self.head_rule == "cost" else None
@@ -261,30 +264,25 @@ class Scheduler:
         cols = _row_cols(sub.row)
         slots = cache.slots(step0, sub.row, cols, sub.pos)
         chunk = Chunk.from_tokens(sub.row, slots, sub.pos, self.R, cols)
+        chunk.track_lengths = False  # one length update for the whole pass, below
         rope = model.rope(sub.pos)
         rows, tokens, keys = chunk.batch_size, len(sub), int((slots + 1).sum())
         kind = "prefill" if bool(sub.prefill.all()) else "layer"
         h = sub.h
-        for j, layer in enumerate(self.group_layers[g]):
+        layers = self.group_layers[g]
+        for j, layer in enumerate(layers):
             steps = step0 + j
             h = model.run_layer(layer, h, rope, cache, chunk, steps)
             self.trace.passes.append(Pass(kind, rows, tokens, keys))
             if self.record:
                 self._lens_store(sub, h, steps)
+        cache.advance(step0, len(layers), chunk)
         self._record_step(g, sub)
         return h
 
     def _record_step(self, g: int, sub: Tokens) -> None:
-        activity, sequences = [IDLE] * self.R, [None] * self.R
-        for r in torch.unique(self.waiting.row).tolist() if len(self.waiting) else []:
-            activity[r], sequences[r] = WAIT, self.row_seq[r]
-        prefill_rows = set(torch.unique(sub.row[sub.prefill]).tolist()) if bool(sub.prefill.any()) else set()
-        seg_of_row = dict(zip(sub.row.tolist(), sub.seg.tolist()))
-        for r, seg in seg_of_row.items():
-            activity[r] = "prefill" if r in prefill_rows else self.policy.label(seg)
-            sequences[r] = self.row_seq[r]
-        kind = "prefill" if bool(sub.prefill.all()) else self.group_kind[g]
-        self.trace.engine_steps.append(EngineStep(kind, sequences, activity, len(sub)))
+        """Keep this pass's rows as tensors; ``Trace.engine_steps`` labels them when read (``_label``)."""
+        self.trace.pending.append((g, sub.row, sub.seg, sub.prefill, self.waiting.row, tuple(self.row_seq), len(sub)))
 
     def _leave(self, sub: Tokens, leave: torch.Tensor, decision, ctx: Context) -> None:
         out = sub.select(leave)
@@ -347,13 +345,16 @@ class Scheduler:
             step0 = policy.finish.start
             slots = self.cache.slots(step0, fin.row, cols, fin.pos)
             chunk = Chunk.from_tokens(fin.row, slots, fin.pos, self.R, cols)
+            chunk.track_lengths = False
             rope = model.rope(fin.pos)
             kind = "prefill" if bool(fin.prefill.all()) else "layer"
+            keys = int((slots + 1).sum())
             for s in policy.finish:
                 h = model.run_layer(model.plan[s], h, rope, self.cache, chunk, s)
-                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), int((slots + 1).sum())))
+                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), keys))
                 if self.record:
                     self._lens_store(fin, h, s)
+            self.cache.advance(step0, len(policy.finish), chunk)
         carried = fin.emit & self.row_has_logits[fin.row]
         need = fin.head & ~carried
         logits = None
@@ -445,6 +446,19 @@ class Scheduler:
             out.append((top1[k:k + len(e)], conf[k:k + len(e)]))
             k += len(e)
         return out
+
+
+def _label(rows_total: int, labels: list[str], group_kind: list[str], record) -> EngineStep:
+    """A pass record as an EngineStep: what each of the ``rows_total`` slots did."""
+    g, rows, segs, prefill, waiting, row_seq, tokens = record
+    activity, sequences = [IDLE] * rows_total, [None] * rows_total
+    for r in set(waiting.tolist()):
+        activity[r], sequences[r] = WAIT, row_seq[r]
+    for r, seg, first in zip(rows.tolist(), segs.tolist(), prefill.tolist()):
+        activity[r] = "prefill" if first else labels[seg]
+        sequences[r] = row_seq[r]
+    kind = "prefill" if bool(prefill.all()) else group_kind[g]
+    return EngineStep(kind, sequences, activity, tokens)
 
 
 class _null:

@@ -61,10 +61,21 @@ class EngineStep:
 class Trace:
     num_steps: int
     tokens: list[list[TokenTrace]] = field(default_factory=list)  # per sequence, per generated token
-    engine_steps: list[EngineStep] = field(default_factory=list)
     passes: list[Pass] = field(default_factory=list)  # every read of weights, for the cost model
     slots: int = 0  # block slots: the most rows one pass may run (the batch size B)
     seconds: float = 0.0  # wall time of the run
+    steps_: list[EngineStep] = field(default_factory=list, repr=False)
+    pending: list = field(default_factory=list, repr=False)  # raw records, labelled on first read
+    labeler: object = field(default=None, repr=False, compare=False)
+
+    @property
+    def engine_steps(self) -> list[EngineStep]:
+        """What every batch slot did at every pass. The engine keeps raw tensors while it runs (no per-row
+        Python in its hot path); they become labelled steps here, when something reads them."""
+        if self.pending:
+            self.steps_ += [self.labeler(record) for record in self.pending]
+            self.pending = []
+        return self.steps_
 
     def utilization(self, kinds: tuple[str, ...] | None = None) -> float:
         """Fraction of batch-slot x engine-step cells that did useful work."""

@@ -45,6 +45,7 @@ class Chunk:
     attn_mask: torch.Tensor  # [n, 1, width, kv_len] bool
     dense: bool  # every batch row has `width` tokens: unpacking is a reshape
     all_rows: bool  # batch_rows are all the cache's rows 0..n-1: cache reads are views, not gathers
+    track_lengths: bool = True  # writes advance the cache's lengths (the engine advances once per pass instead)
 
     @property
     def num_tokens(self) -> int:
@@ -181,7 +182,7 @@ class KVCache:
         return torch.where(self.owner[step], start, positions)
 
     def put(self, step: int | torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-            v: torch.Tensor) -> None:
+            v: torch.Tensor, track: bool = True) -> None:
         """Store packed keys/values (``[N, kv_heads, head_dim]``) of tokens at (row, slot), at ``step``
         (an int, or one step per token); steps that do not own their page are skipped."""
         if len(slots) and int(slots.max()) >= self.capacity:
@@ -193,7 +194,8 @@ class KVCache:
             page = self._page[step]
             self.k[page][rows, :, slots] = k
             self.v[page][rows, :, slots] = v
-            self.lengths[page].scatter_reduce_(0, rows, slots + 1, "amax")
+            if track:
+                self.lengths[page].scatter_reduce_(0, rows, slots + 1, "amax")
             return
         own = self.owner[step]
         if not bool(own.all()):
@@ -201,11 +203,22 @@ class KVCache:
         pages = self.page_of[step]
         self.k[pages, rows, :, slots] = k
         self.v[pages, rows, :, slots] = v
-        self.lengths.view(-1).scatter_reduce_(0, pages * self.batch_size + rows, slots + 1, "amax")
+        if track:
+            self.lengths.view(-1).scatter_reduce_(0, pages * self.batch_size + rows, slots + 1, "amax")
 
     def write(self, step: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: Chunk) -> None:
         """Store the chunk's packed keys/values at ``step`` (an int, or one step per token)."""
-        self.put(step, chunk.rows, chunk.slots, k, v)
+        self.put(step, chunk.rows, chunk.slots, k, v, chunk.track_lengths)
+
+    def advance(self, first_step: int | torch.Tensor, steps: int, chunk: Chunk) -> None:
+        """After a pass of ``steps`` consecutive depth steps from ``first_step`` (an int, or one per token)
+        over the chunk's tokens with ``track_lengths`` off: every written page's length, in one update."""
+        offsets = torch.arange(steps, device=chunk.rows.device)
+        step = (first_step + offsets[:, None]).expand(steps, chunk.num_tokens).reshape(-1)
+        rows, slots = chunk.rows.repeat(steps), chunk.slots.repeat(steps)
+        own = self.owner[step]
+        pages = self.page_of[step[own]]
+        self.lengths.view(-1).scatter_reduce_(0, pages * self.batch_size + rows[own], slots[own] + 1, "amax")
 
     def read(self, step: int | torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values the chunk's queries may see: ``[n, kv_heads, kv_len, head_dim]``, views when

@@ -108,11 +108,30 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``weight`` overrides the layer's own (a depth step with per-position norms; ``[N, d]``: per token)."""
-        return kernels.rms_norm(x, self.weight if weight is None else weight, self.eps)
+        w = self.weight if weight is None else weight
+        if _fast_elementwise(x, w):  # one fused op instead of six (PyTorch's own RMSNorm, same math)
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        return kernels.rms_norm(x, w, self.eps)
 
     def add_forward(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None):
         """``h = residual + x`` and its norm, fused: returns ``(norm(h), h)``."""
-        return kernels.add_rms_norm(x, residual, self.weight if weight is None else weight, self.eps)
+        w = self.weight if weight is None else weight
+        if _fast_elementwise(x, w):
+            h = residual + x
+            return F.rms_norm(h, (h.shape[-1],), w, self.eps), h
+        return kernels.add_rms_norm(x, residual, w, self.eps)
+
+
+def _joint_rotary(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """q and k are adjacent column blocks of one fused q/k/v output (packed ``[N, ...]``)."""
+    return FAST.enabled and q.dim() == 2 and q.stride() == k.stride() and \
+        k.data_ptr() == q.data_ptr() + q.shape[1] * q.element_size()
+
+
+def _fast_elementwise(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The engine's fast path for element-wise ops: inference, fp32, one weight for all tokens, no kernel."""
+    return FAST.enabled and x.dtype == torch.float32 and weight.dim() == 1 and not torch.is_grad_enabled() and \
+        not kernels.use_triton(x)
 
 
 class LoRA(nn.Module):
@@ -385,9 +404,14 @@ class Attention(nn.Module):
     def project(self, x, rope, delta: StepDelta | None = None):
         q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], ["q_proj", "k_proj", "v_proj"], x, delta,
                                self.fused_qkv)
-        q = q.view(*x.shape[:-1], self.num_heads, self.head_dim)
-        k = k.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
-        return apply_rotary(q, *rope), apply_rotary(k, *rope), v.view(*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        lead, heads = x.shape[:-1], self.num_heads
+        if _joint_rotary(q, k) and not kernels.use_triton(x):  # q and k side by side: rotate both in one go
+            qk = apply_rotary(q.as_strided((*lead, heads + self.num_kv_heads, self.head_dim),
+                                           (q.stride(0), self.head_dim, 1)), *rope)
+            return qk[:, :heads], qk[:, heads:], v.view(*lead, self.num_kv_heads, self.head_dim)
+        q = q.view(*lead, heads, self.head_dim)
+        k = k.view(*lead, self.num_kv_heads, self.head_dim)
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v.view(*lead, self.num_kv_heads, self.head_dim)
 
     def project_kv(self, x, rope, delta: StepDelta | None = None):
         """Keys (rotated) and values only: what a token leaves in the cache."""
