@@ -1,0 +1,75 @@
+"""The cost model: calibration on a tiny model, prices, predictions and ideals of synthetic traces, the head
+rule's batch, and the FLOPs accounting (the library's only one)."""
+import pytest
+import torch
+
+import mor_lab
+from mor_lab.engine.cost import CostModel, decode_flops, head_flops, kv_bytes_per_token, layer_flops, layer_params
+from mor_lab.engine.trace import Pass, Trace
+
+
+def synthetic(**over) -> CostModel:
+    """A cost model with round numbers: a layer pass costs 1 ms at 1-8 rows, then +0.1 ms per row."""
+    rows = [1, 8, 16, 32]
+    base = dict(device="cpu", dtype="float32", threads=2, rows=rows, layer_s=[1e-3, 1e-3, 1.8e-3, 3.4e-3],
+                head_s=[4e-3, 4e-3, 4e-3, 8e-3], test_s=[5e-3, 5e-3, 5e-3, 9e-3], propagate_s=[1e-4] * 4,
+                key_s=1e-7, ref_keys=32, small_s=1e-5, overhead_s=2e-4, num_steps=10)
+    base.update(over)
+    return CostModel(**base)
+
+
+def test_prices_interpolate_and_extrapolate_without_going_down():
+    cost = synthetic()
+    assert cost.layer(4) == pytest.approx(1e-3) and cost.layer(12) == pytest.approx(1.4e-3)
+    assert cost.layer(64) == pytest.approx(3.4e-3 + 32 * 1e-4)  # the last slope, extended
+    assert cost.layer(8, keys=8 * 32 + 1000) == pytest.approx(1e-3 + 1000 * 1e-7)  # keys beyond the reference
+    assert cost.head(2) == pytest.approx(4e-3)
+
+
+def test_prediction_sums_the_passes_and_the_ideal_repacks_them_into_full_ones():
+    cost = synthetic()
+    trace = Trace(num_steps=10, slots=8)
+    trace.passes = [Pass("prefill", 4, 40, 400)] + [Pass("layer", 2, 2, 64)] * 10 + [Pass("head", 2, 2)]
+    trace.steps_ = [None] * 3  # 3 engine steps + 1 head call of bookkeeping
+    predicted = cost.layer(40, 400) + 10 * cost.layer(2) + cost.head(2) + 4 * cost.overhead_s
+    assert cost.predict(trace) == pytest.approx(predicted)
+    # ideal: 20 layer-tokens in passes of 8 rows (2.5 passes), 2 head rows (a quarter of a full head call)
+    ideal = cost.layer(40, 400) + 2.5 * cost.layer(8) + 0.25 * cost.head(8) + cost.overhead_s * (1 + 2.5 + 0.25)
+    assert cost.ideal(trace) == pytest.approx(ideal)
+    assert cost.ideal(trace) < cost.predict(trace)  # under-full passes are what the ideal removes
+    assert set(cost.breakdown(trace)) == {"prefill", "layer", "head", "bookkeeping"}
+
+
+def test_regime_and_the_head_batch_of_the_cost_rule():
+    cost = synthetic()
+    regime = cost.regime(8)
+    assert regime["regime"] == "memory-bound" and regime["layer_pass_ratio_vs_1_row"] == 1.0
+    assert regime["head_in_layers"] == 4.0 and 0 < regime["head_share"] < 1
+    assert cost.head_batch(0) == 1
+    # a flat head: the fuller the better; 15 rows are within 10 % of 16's per-token cost (4 ms / 15 < 1.1 * 4 ms / 16)
+    assert cost.head_batch(16) == 15
+    flat = synthetic(head_s=[4e-3] * 4)
+    assert flat.head_batch(40) < 40  # past 32 rows the 10 % rule stops waiting for more
+
+
+def test_calibration_on_a_tiny_model_is_positive_monotone_and_predicts_a_run():
+    model = mor_lab.random_decoder(num_layers=3, vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2)
+    cost = CostModel.calibrate(model, max_rows=8, reps=2)
+    for prices in (cost.layer_s, cost.head_s, cost.test_s, cost.propagate_s):
+        assert all(p > 0 for p in prices) and prices == sorted(prices)
+    assert cost.rows[-1] >= 8 and cost.num_steps == 3 and cost.seconds > 0
+    _, trace = mor_lab.generate_ids(model, [[1, 2, 3], [4, 5]], 6, eos_token_ids=[], cost=cost)
+    assert cost.predict(trace) > 0 and trace.seconds > 0
+    assert trace.pass_counts() == {"prefill": 3, "layer": 15, "head": 6}
+
+
+def test_flops_and_bytes_accounting():
+    c = mor_lab.ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                            num_kv_heads=1)  # head_dim 4
+    assert layer_params(c) == 8 * 4 * 2 * (2 + 1) + 3 * 8 * 16
+    assert layer_flops(c, context=10) == 2 * layer_params(c) + 4 * 2 * 4 * 10
+    assert head_flops(c) == 2 * 100 * 8
+    assert decode_flops(c, 2, 10, head_calls=2, skipped=1) == pytest.approx(
+        2 * layer_flops(c, 10) + 2 * 2 * 8 * 4 * 1 + 2 * head_flops(c))
+    assert kv_bytes_per_token(c, steps=2) == 2 * 2 * 1 * 4 * 4
+    assert kv_bytes_per_token(c, steps=2, dtype=torch.bfloat16) == 2 * 2 * 1 * 4 * 2
