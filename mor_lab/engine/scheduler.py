@@ -125,7 +125,8 @@ class Scheduler:
         capacity = max(map(len, prompt_ids)) + max_new_tokens
         self.policy.bind(model, R, capacity)
         self._groups()
-        self.cache = KVCache.for_model(model, R, capacity, storage=self.policy.cache_storage())
+        self.cache = KVCache.for_model(model, R, capacity, storage=self.policy.cache_storage(),
+                                       extra_steps=self.policy.extra_pages())
         device = model.device
         self.row_seq = [-1] * R  # host: which prompt each row serves (admission bookkeeping, per request)
         self.row_seq_t = torch.full((R,), -1, dtype=torch.long, device=device)
@@ -215,7 +216,8 @@ class Scheduler:
         self.row_since[rows_t] = self.tick
 
     def _context(self, tokens: Tokens, final: torch.Tensor | None = None) -> Context:
-        ctx = Context(self.request_ids[self.row_seq_t[tokens.row]], self.row_generated[tokens.row], self.trace)
+        ctx = Context(self.request_ids[self.row_seq_t[tokens.row]], self.row_generated[tokens.row], self.trace,
+                      side=self._side_layer)
         ctx.final = final if final is not None else torch.zeros(len(tokens), dtype=torch.bool, device=tokens.row.device)
         return ctx
 
@@ -279,6 +281,15 @@ class Scheduler:
         cache.advance(step0, len(layers), chunk)
         self._record_step(g, sub)
         return h
+
+    def _side_layer(self, layer, step: int, tokens: Tokens, h: torch.Tensor) -> torch.Tensor:
+        """A layer outside the plan (a policy's exit block) over ``tokens`` (row-major), with its own page."""
+        cols = _row_cols(tokens.row)
+        slots = self.cache.slots(step, tokens.row, cols, tokens.pos)
+        chunk = Chunk.from_tokens(tokens.row, slots, tokens.pos, self.R, cols)
+        out = layer(h, self.model.rope(tokens.pos), self.cache, step, chunk, None)
+        self.trace.passes.append(Pass("layer", chunk.batch_size, len(tokens), int((slots + 1).sum())))
+        return out
 
     def _record_step(self, g: int, sub: Tokens) -> None:
         """Keep this pass's rows as tensors; ``Trace.engine_steps`` labels them when read (``_label``)."""

@@ -148,10 +148,16 @@ class KVCache:
         self.lengths = torch.zeros(len(owners), batch_size, dtype=torch.long, device=device)
 
     @classmethod
-    def for_model(cls, model, batch_size: int, capacity: int, storage: list[int] | None = None) -> "KVCache":
+    def for_model(cls, model, batch_size: int, capacity: int, storage: list[int] | None = None,
+                  extra_steps: int = 0) -> "KVCache":
+        """A cache for ``model``'s depth steps, plus ``extra_steps`` pages after them (a policy's own layers,
+        e.g. an exit block: step ``model.num_steps + i``)."""
         c = model.config
         p = next(model.parameters())
-        return cls(model.num_steps, batch_size, capacity, c.num_kv_heads, c.head_dim, p.dtype, p.device, storage)
+        steps = model.num_steps + extra_steps
+        if storage is not None and extra_steps:
+            storage = list(storage) + list(range(model.num_steps, steps))
+        return cls(steps, batch_size, capacity, c.num_kv_heads, c.head_dim, p.dtype, p.device, storage)
 
     @property
     def capacity(self) -> int:

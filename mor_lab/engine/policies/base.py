@@ -39,9 +39,16 @@ class Context:
     trace: object  # the run's Trace: ``ctx.log(kind, rows, tokens)`` appends to its pass log
     final: torch.Tensor | None = None  # [N] bool: at the last segment (they leave whatever the policy says)
 
+    side: object = None  # the engine's ``side_layer`` for these tokens (see below)
+
     def subset(self, index: torch.Tensor) -> "Context":
         return Context(self.request[index], self.index[index], self.trace,
-                       None if self.final is None else self.final[index])
+                       None if self.final is None else self.final[index], self.side)
+
+    def side_layer(self, layer, step: int, tokens: Tokens, h: torch.Tensor) -> torch.Tensor:
+        """Run a decoder layer that is not part of the model's plan (an exit block) on ``tokens`` with KV
+        page ``step`` (from ``extra_pages``): every token that reaches it must pass here once, in order."""
+        return self.side(layer, step, tokens, h)
 
     def log(self, kind: str, rows: int, tokens: int | None = None) -> None:
         from ..trace import Pass
@@ -66,6 +73,11 @@ class DepthPolicy:
     def cache_storage(self) -> list[int] | None:
         """Step -> the step whose KV page it uses (recursive KV sharing); None: every step its own."""
         return None
+
+    def extra_pages(self) -> int:
+        """KV pages the policy's own layers need beyond the model's steps (an exit block's attention):
+        page ``model.num_steps + i``, run through ``ctx.side_layer``."""
+        return 0
 
     def admit(self, rows: torch.Tensor) -> None:
         """New sequences start in these cache rows."""
