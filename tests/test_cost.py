@@ -73,3 +73,21 @@ def test_flops_and_bytes_accounting():
         2 * layer_flops(c, 10) + 2 * 2 * 8 * 4 * 1 + 2 * head_flops(c))
     assert kv_bytes_per_token(c, steps=2) == 2 * 2 * 1 * 4 * 4
     assert kv_bytes_per_token(c, steps=2, dtype=torch.bfloat16) == 2 * 2 * 1 * 4 * 2
+
+
+def test_cost_figures_draw_what_the_cost_model_says():
+    from mor_lab.viz.cost import pass_cost_figure, run_cost_figure, run_cost_table, token_cost_figure, token_costs
+    cost = synthetic()
+    fig = pass_cost_figure(cost, max_rows=16)
+    assert fig.data[0].y[7] == pytest.approx(1.0) and fig.data[1].y[0] == pytest.approx(4.0)
+    parts = token_costs(cost, 8, exit_test=True)
+    assert parts == pytest.approx({"layers": 10 * 1e-3 / 8 * 1e3, "LM head": 4e-3 / 8 * 1e3, "exit test": 5e-3 / 8 * 1e3})
+    assert len(token_cost_figure(cost, (1, 8), exit_test=True).data) == 3
+    a, b = Trace(num_steps=10, slots=8), Trace(num_steps=10, slots=8)
+    a.passes, a.seconds = [Pass("layer", 8, 8)] * 10 + [Pass("head", 8, 8)], 0.02
+    b.passes, b.seconds = [Pass("layer", 4, 4)] * 10 + [Pass("head", 4, 4)], 0.02
+    rows = {r["run"]: r for r in run_cost_table(cost, {"full": a, "half": b}, reference="full")}
+    assert rows["half"]["ideal_speedup"] == pytest.approx(cost.ideal(a) / cost.ideal(b)) and rows["half"]["ideal_speedup"] > 1.9
+    assert rows["half"]["speedup"] == 1.0 and rows["half"]["fraction_of_ideal"] < 0.55  # half-full passes: no gain
+    fig = run_cost_figure(cost, {"full": a, "half": b})
+    assert {t.name for t in fig.data} >= {"layer passes", "LM-head calls", "measured", "ideal (every pass full)"}
