@@ -19,6 +19,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def launch_options(settings: dict) -> dict:
+    """The ``num_warps`` / ``num_stages`` of a module's launch settings that are set (None: Triton's default)."""
+    return {k: settings[k] for k in ("num_warps", "num_stages") if settings.get(k) is not None}
+
+
 def num_warps(block: int) -> int:
     """Warps for a row-wise kernel of ``block`` elements (the interpreter ignores it)."""
     return 8 if block >= 4096 else 4 if block >= 1024 else 2 if block >= 256 else 1

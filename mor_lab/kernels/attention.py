@@ -37,7 +37,12 @@ import math
 
 import torch
 
-from ._triton import dot, interpreted_bf16, jit, next_power_of_2, tl
+from ._triton import dot, interpreted_bf16, jit, launch_options, next_power_of_2, tl
+
+# Launch settings of the decode kernel, read at each call: `bench kernels` sweeps them on a GPU (the
+# interpreter ignores warps and stages). block_n None: the largest tile whose [G, N, D] product fits.
+# num_splits None: from the batch and the SM count.
+DECODE_LAUNCH = {"num_splits": None, "block_n": None, "num_warps": 4, "num_stages": None}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -192,7 +197,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    splits = num_splits or _default_splits(q, kv_heads)
+    splits = num_splits or DECODE_LAUNCH["num_splits"] or _default_splits(q, kv_heads)
     out = q.new_empty(tokens, heads, head_dim)  # contiguous whatever q's strides: the merge kernel relies on it
     if tokens == 0:
         return out
@@ -200,7 +205,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     table = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     block_g, block_d = next_power_of_2(group), next_power_of_2(head_dim)
-    block_n = max(16, min(64, 16384 // (block_g * block_d)))  # keeps the [G, N, D] product in registers
+    block_n = DECODE_LAUNCH["block_n"] or max(16, min(64, 16384 // (block_g * block_d)))  # [G, N, D] in registers
     direct = splits == 1
     rows = 1 if direct else tokens * heads * splits  # scratch only when splits are merged
     partial = torch.empty(rows, block_d, dtype=torch.float32, device=q.device)
@@ -210,7 +215,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
         q, k_cache, v_cache, table, lens, out, partial, m, l_sum, scale, group, head_dim, page_size,
         table.stride(0), splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), DIRECT=direct,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options(DECODE_LAUNCH))
     if not direct:
         _merge_kernel[(tokens * heads,)](partial, m, l_sum, out, head_dim, splits,
                                          BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d, num_warps=1)

@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import dot, interpreted_bf16, jit, next_power_of_2, tl
+from ._triton import dot, interpreted_bf16, jit, launch_options, next_power_of_2, tl
+
+# Tiles and launch settings of the fused matmul, read at each call: `bench kernels` sweeps them on a GPU.
+# block_m None: 16, 32 or 64 rows by the batch size.
+MATMUL_LAUNCH = {"block_m": None, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": None}
 
 
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -102,13 +106,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if has_lora:
         _shrink_kernel[(m_dim,)](x2, a, ids, scales.float().contiguous(), t, k_dim, rank, *a.stride(),
                                  BLOCK_R=next_power_of_2(rank), BLOCK_K=min(128, max(16, next_power_of_2(k_dim))))
-    block_m = 16 if m_dim <= 16 else 32 if m_dim <= 64 else 64
-    block_n, block_k = 64, 32
+    block_m = MATMUL_LAUNCH["block_m"] or (16 if m_dim <= 16 else 32 if m_dim <= 64 else 64)
+    block_n, block_k = MATMUL_LAUNCH["block_n"], MATMUL_LAUNCH["block_k"]
     grid = (triton_cdiv(m_dim, block_m), triton_cdiv(n_dim, block_n))
     _matmul_expand_kernel[grid](x2, w, bias if bias is not None else w, t, lora_b, ids, y, m_dim, n_dim, k_dim,
                                 rank, *lora_b.stride(), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
                                 UPCAST=interpreted_bf16(x2), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                num_warps=4)
+                                **launch_options(MATMUL_LAUNCH))
     return y.view(*lead, n_dim)
 
 
