@@ -123,3 +123,23 @@ def test_training_step_gets_the_same_gradients_with_kernels_on_and_off():
     for n in want:
         if want[n] is not None:
             torch.testing.assert_close(got[n], want[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.skipif(not CUDA, reason="the SmolLM2-shaped bf16 step is the GPU check (scripts/gpu_check.sh)")
+def test_smollm2_shaped_bf16_training_step_gets_every_gradient_with_kernels_on_auto():
+    """Random weights at SmolLM2-135M's shape, bf16, kernels on "auto" (the Triton kernels on CUDA): one
+    step of loss.backward() reaches every parameter, with the gradients of the reference path."""
+    model = mor_lab.random_decoder(num_layers=30, vocab_size=49152, hidden_size=576, num_heads=9, num_kv_heads=3,
+                                   intermediate_size=1536, seed=0).to(device=DEVICE, dtype=torch.bfloat16).train()
+    ids = torch.randint(0, 49152, (4, 129), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    grads = {}
+    for backend in ("auto", "reference"):
+        model.zero_grad(set_to_none=True)
+        with kernels.use(backend):
+            logits = model(ids[:, :-1])
+            torch.nn.functional.cross_entropy(logits.float().reshape(-1, 49152), ids[:, 1:].reshape(-1)).backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters()}
+    missing = sorted(n for n, g in grads["auto"].items() if g is None)
+    assert not missing, f"no gradient with kernels on auto: {missing[:5]} ... ({len(missing)})"
+    for n, g in grads["auto"].items():
+        torch.testing.assert_close(g, grads["reference"][n], msg=n)
