@@ -40,7 +40,8 @@ SMOKE=${GPU_CHECK_CPU_SMOKE:-0}
 RESULTS=${GPU_CHECK_OUT:-${OUT:-$REPO/gpu-check-results}}
 mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
-STAGES=${GPU_CHECK_STAGES:-versions kernel-tests regressions sanitizer bench-kernels cdb-on cdb-off mor-on mor-off}
+ALL_STAGES="versions kernel-tests regressions sanitizer bench-kernels cdb-on cdb-off mor-on mor-off"
+STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
 ENGINE_ARGS=${GPU_CHECK_ENGINE_ARGS:---random-weights --dtype bfloat16}
 BATCHES=${GPU_CHECK_BATCHES:-8,32,128}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -222,7 +223,8 @@ stage_kernel_tests() {  # four pytest runs at once: fp32, fp16, bf16, and the te
     local rc=0 i
     for i in "${!pids[@]}"; do
         wait "${pids[$i]}"; local r=$?
-        { echo "--- ${groups[$i]} (rc $r)"; tail -n 40 "$RESULTS/kernel-tests-${groups[$i]}.log"; } | tee -a "$RESULTS/kernel-tests.log"
+        { echo "--- ${groups[$i]} (rc $r)"; tail -n 40 "$RESULTS/kernel-tests-${groups[$i]}.log"; } |
+            tee -a "$RESULTS/kernel-tests.log"
         [ $r -ne 0 ] && [ $rc -eq 0 -o $r -eq 124 -o $r -eq 137 ] && rc=$r
     done
     STAGE_RC=$rc STAGE_SECONDS=$((SECONDS - t0))
@@ -341,7 +343,8 @@ stage_engine() {  # suite kernels(on|off)
     local name="$1-$2" json="$RESULTS/$1-$2.json"
     rm -f "$json"
     # shellcheck disable=SC2086  # ENGINE_ARGS is a list of flags
-    run_stage "$name" "$PY" -m mor_lab.cli bench "$1" $ENGINE_ARGS --batch-sizes "$BATCHES" --kernels "$2" --json "$json" || return 0
+    run_stage "$name" "$PY" -m mor_lab.cli bench "$1" $ENGINE_ARGS --batch-sizes "$BATCHES" --kernels "$2" \
+        --json "$json" || return 0
     finish_stage "$name" "python3 -m mor_lab.cli bench $1 $ENGINE_ARGS --batch-sizes $BATCHES --kernels $2"
 }
 
@@ -354,7 +357,7 @@ for stage in $STAGES; do
         sanitizer) stage_sanitizer ;;
         bench-kernels) stage_bench_kernels ;;
         cdb-on|cdb-off|mor-on|mor-off) stage_engine "${stage%-*}" "${stage#*-}" ;;
-        *) record "$stage" "failed" 2 0 "unknown stage (known: versions kernel-tests regressions sanitizer bench-kernels cdb-on cdb-off mor-on mor-off)" ;;
+        *) record "$stage" "failed" 2 0 "unknown stage (known: ${ALL_STAGES})" ;;
     esac
 done
 summarize

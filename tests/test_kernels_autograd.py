@@ -141,5 +141,6 @@ def test_smollm2_shaped_bf16_training_step_gets_every_gradient_with_kernels_on_a
         grads[backend] = {n: p.grad for n, p in model.named_parameters()}
     missing = sorted(n for n, g in grads["auto"].items() if g is None)
     assert not missing, f"no gradient with kernels on auto: {missing[:5]} ... ({len(missing)})"
-    for n, g in grads["auto"].items():
-        torch.testing.assert_close(g, grads["reference"][n], msg=n)
+    for n, g in grads["auto"].items():  # to the run-to-run noise of atomics (flash backward, embedding grads)
+        want = grads["reference"][n].float()
+        torch.testing.assert_close(g.float(), want, atol=2e-2 * want.abs().max().item() + 1e-6, rtol=2e-2, msg=n)
