@@ -232,7 +232,7 @@ stage_kernel_tests() {  # four pytest runs at once: fp32, fp16, bf16, and the te
 }
 
 stage_regressions() {
-    local select="training_step or strided or 2_31 or kernels_large"
+    local select="kernels_autograd or strided or 2_31 or kernels_large"
     [ "$SMOKE" = 1 ] && select="training_step_gets or strided or 2_31"
     run_stage regressions "${PYTEST[@]}" tests/test_kernels_autograd.py tests/test_kernels.py tests/test_kernels_large.py \
         -k "$select" -rs --junitxml="$RESULTS/regressions.xml" || return 0

@@ -57,8 +57,8 @@ def _gated_scatter_add_kernel(h_ptr, sorted_ptr, order_ptr, out_ptr, gate_ptr, k
         row = dst
         while row == dst:  # the run i, i+1, ... of positions that name this row, in index order
             src = tl.load(order_ptr + j).to(tl.int64)
-            g = tl.load(gate_ptr + src)
-            update = (g * tl.load(out_ptr + src * d + cols, mask=mask, other=0.0)).to(h.dtype)
+            g = tl.load(gate_ptr + src).to(tl.float32)
+            update = (g * tl.load(out_ptr + src * d + cols, mask=mask, other=0.0).to(tl.float32)).to(h.dtype)
             h = (h.to(tl.float32) + update.to(tl.float32)).to(h.dtype)  # each add rounded, as index_add_ does
             j += 1
             row = tl.load(sorted_ptr + j, mask=j < k, other=-1).to(tl.int64)
