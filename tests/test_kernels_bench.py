@@ -78,3 +78,8 @@ def test_targets_say_met_or_missed_with_the_measured_figure():
     assert ragged_speed["met"] and ragged_speed["measured"] == 1.25 and "EFFICIENT_ATTENTION" in ragged_speed["target"]
     assert smollm2_speed["measured"] is None and not smollm2_speed["met"]  # its row failed: not met
     assert not lora["met"] and lora["measured"] == 1.4
+
+
+def test_an_unknown_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
+        bench.run(dtype="bf17")

@@ -518,9 +518,15 @@ def versions(device) -> dict:
 
 
 def run(model_name: str | None = None, quick: bool = False, device: str | None = None,
-        max_new_tokens: int | None = None, batch_sizes=None) -> dict:
-    """The suite (``model_name``, ``max_new_tokens`` and ``batch_sizes`` are for the engine suites: unused)."""
+        max_new_tokens: int | None = None, batch_sizes=None, dtype: str | torch.dtype | None = None) -> dict:
+    """The suite; ``dtype``: of the timed GPU pass (default bfloat16). ``model_name``, ``max_new_tokens`` and
+    ``batch_sizes`` are the engine suites' options: unused here."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if isinstance(dtype, str):
+        if getattr(torch, dtype, None) not in TOLERANCE:
+            raise ValueError(f"bench kernels: unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+        dtype = getattr(torch, dtype)
+    dtype = dtype or torch.bfloat16
     report = {"suite": "kernels", "quick": quick, "environment": environment(device), "versions": versions(device)}
     if device.type != "cuda" or not kernels.HAS_TRITON:
         print("mor-lab bench kernels: timings need a CUDA GPU (none here), so nothing is timed. Running the "
@@ -535,7 +541,7 @@ def run(model_name: str | None = None, quick: bool = False, device: str | None =
                 f"{r['kernel']} ({r['dtype']})" for r in rows if not r["ok"]), file=sys.stderr)
         return {**report, "mode": "interpreter-correctness", "all_ok": all_ok, "results": rows,
                 "note": "no GPU: correctness only, no timings (interpreter timings would mean nothing)"}
-    rows, peaks = gpu_pass(quick)
+    rows, peaks = gpu_pass(quick, dtype)
     all_ok = all(r["ok"] for r in rows)
     if not all_ok:
         print("mor-lab bench kernels: CHECK FAILED for " + ", ".join(r["kernel"] for r in rows if not r["ok"]),
