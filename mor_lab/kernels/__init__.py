@@ -12,6 +12,14 @@ The models and engine call only the functions below. Each one picks its backend 
 Choose with ``with kernels.use("triton"): ...``, ``kernels.set_backend(...)`` or the environment variable
 ``MOR_LAB_KERNELS=auto|triton|reference``.
 
+Whatever the backend, a call whose result autograd needs (grad mode on and any tensor argument requiring
+grad: training, uptraining, exit-head fitting) goes to the reference. The kernels are forward-only
+launches that autograd cannot see through; registering each with a hand-written backward would be a
+second implementation of every kernel's math to keep in step with the first, for training steps whose
+time goes to the matmuls (cuBLAS either way) and whose references autograd already differentiates and
+``torch.compile`` already fuses. Inference (``inference_mode`` / ``no_grad``, where the engine runs)
+keeps the kernels.
+
 The kernels (one file each): ``rmsnorm`` (fused RMSNorm, optionally with the residual add),
 ``swiglu`` (``silu(gate) * up``), ``rotary``, ``multi_lora`` (each row its own LoRA adapter over one shared weight),
 ``router`` (gather / gated scatter-add for expert-choice routing) and ``attention`` (ragged attention over
@@ -67,9 +75,15 @@ def use(name: str):
         _backend = previous
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Does a call on ``x`` go to the Triton kernel? (Also lets callers keep their own fast fallback.)"""
-    if _backend == "reference":
+def needs_grad(*tensors) -> bool:
+    """Would autograd need the result of a call on these arguments? (Non-tensors are ignored.)"""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def use_triton(x: torch.Tensor, *others) -> bool:
+    """Does a call on ``x`` (and ``others``) go to the Triton kernel? Not when autograd needs the result:
+    see the module docstring. (Also lets callers keep their own fast fallback.)"""
+    if _backend == "reference" or needs_grad(x, *others):
         return False
     if _backend == "triton":
         if not HAS_TRITON:
@@ -89,7 +103,7 @@ def _dispatch(module, name: str):
     kernel, reference = getattr(module, name), getattr(module, f"{name}_reference")
 
     def call(x, *args, **kwargs):
-        return (kernel if use_triton(x) else reference)(x, *args, **kwargs)
+        return (kernel if use_triton(x, *args, *kwargs.values()) else reference)(x, *args, **kwargs)
 
     call.__name__, call.__doc__ = name, reference.__doc__
     return call

@@ -23,15 +23,26 @@ special case of one page of ``capacity`` positions per (step, slot): its view ``
   pass, several tokens per slot. One program per (sequence, query tile, head), tiles multiplied with
   ``tl.dot``.
 
-A sequence with no visible positions gets a zero output (padded SDPA would give NaN).
+A sequence with no visible positions gets a zero output (padded SDPA would give NaN). Outputs are
+contiguous ``[tokens, heads, head_dim]`` whatever the strides of ``q``.
+
+No wrapper reads a device value on the host, so a decode step can be captured in a CUDA graph: the
+chunk kernel's grid needs the longest query count, which the caller knows (``max_query_len``; without it
+the wrapper takes the upper bound ``q.shape[0]`` and the surplus programs exit at once).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
-from ._triton import jit, next_power_of_2, tl
+from ._triton import dot, interpreted_bf16, jit, launch_options, next_power_of_2, tl
+
+# Launch settings of the decode kernel, read at each call: `bench kernels` sweeps them on a GPU (the
+# interpreter ignores warps and stages). block_n None: the largest tile whose [G, N, D] product fits.
+# num_splits None: from the batch and the SM count.
+DECODE_LAUNCH = {"num_splits": None, "block_n": None, "num_warps": 4, "num_stages": None}
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -66,12 +77,18 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
     return out
 
 
-def paged_chunk_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_starts, scale=None):
+def paged_chunk_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_starts, scale=None,
+                                    max_query_len=None):
     """``q``: packed ``[N, heads, D]``; ``query_starts``: ``[S + 1]``; ``block_tables``: ``[S, max_pages]``;
-    ``seq_lens``: ``[S]`` (keys visible to the sequence's last query). Returns ``[N, heads, D]``."""
+    ``seq_lens``: ``[S]`` (keys visible to the sequence's last query); ``max_query_len``: an upper bound on
+    any sequence's query count (the kernel's grid; checked here). Returns ``[N, heads, D]``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.zeros_like(q)
     starts = query_starts.tolist()
+    longest = max((b - a for a, b in zip(starts, starts[1:])), default=0)
+    if max_query_len is not None and longest > max_query_len:
+        raise ValueError(f"max_query_len={max_query_len} but a sequence has {longest} queries: pass the chunk's "
+                         "width (the most queries any sequence has), or None for the upper bound q.shape[0]")
     for s, length in enumerate(seq_lens.tolist()):
         q_len = starts[s + 1] - starts[s]
         if q_len == 0 or length == 0:
@@ -90,7 +107,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, 
                    stride_qt, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp, stride_vh, stride_vt,
                    stride_ot, stride_oh, DIRECT: tl.constexpr,
                    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    t, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, kvh, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     heads = kvh * group + g  # the query heads that share this kv head
@@ -137,8 +154,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, 
 @jit
 def _merge_kernel(part_ptr, m_ptr, l_ptr, out_ptr, head_dim, num_splits,
                   BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One program per (token, head): softmax-weighted sum of the splits' partial outputs."""
-    row = tl.program_id(0)
+    """One program per (token, head): softmax-weighted sum of the splits' partial outputs into the contiguous
+    ``[T, heads, head_dim]`` output."""
+    row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     m = tl.load(m_ptr + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
@@ -154,11 +172,16 @@ def _merge_kernel(part_ptr, m_ptr, l_ptr, out_ptr, head_dim, num_splits,
     tl.store(out_ptr + row * head_dim + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_splits(q: torch.Tensor, kv_heads: int) -> int:
     """Enough (slot, kv head, split) programs for about two waves over the GPU's SMs; one on CPU."""
     if not q.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return max(1, min(16, (2 * sms) // max(1, q.shape[0] * kv_heads)))
 
 
@@ -174,15 +197,15 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    splits = num_splits or _default_splits(q, kv_heads)
-    out = torch.empty_like(q)
+    splits = num_splits or DECODE_LAUNCH["num_splits"] or _default_splits(q, kv_heads)
+    out = q.new_empty(tokens, heads, head_dim)  # contiguous whatever q's strides: the merge kernel relies on it
     if tokens == 0:
         return out
     q = q if q.stride(-1) == 1 else q.contiguous()
     table = block_tables.to(torch.int32).contiguous()
     lens = seq_lens.to(torch.int32).contiguous()
     block_g, block_d = next_power_of_2(group), next_power_of_2(head_dim)
-    block_n = max(16, min(64, 16384 // (block_g * block_d)))  # keeps the [G, N, D] product in registers
+    block_n = DECODE_LAUNCH["block_n"] or max(16, min(64, 16384 // (block_g * block_d)))  # [G, N, D] in registers
     direct = splits == 1
     rows = 1 if direct else tokens * heads * splits  # scratch only when splits are merged
     partial = torch.empty(rows, block_d, dtype=torch.float32, device=q.device)
@@ -192,7 +215,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale=No
         q, k_cache, v_cache, table, lens, out, partial, m, l_sum, scale, group, head_dim, page_size,
         table.stride(0), splits, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), DIRECT=direct,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, **launch_options(DECODE_LAUNCH))
     if not direct:
         _merge_kernel[(tokens * heads,)](partial, m, l_sum, out, head_dim, splits,
                                          BLOCK_S=next_power_of_2(splits), BLOCK_D=block_d, num_warps=1)
@@ -204,10 +227,10 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
                   scale, group, head_dim, page_size, table_stride,
                   stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_kh, stride_kt,
                   stride_vp, stride_vh, stride_vt,
-                  BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     seq, tile, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kvh = head // group
-    first = tl.load(starts_ptr + seq)
+    first = tl.load(starts_ptr + seq).to(tl.int64)  # int64: row * stride passes 2^31 on long prefills
     q_len = tl.load(starts_ptr + seq + 1) - first
     length = tl.load(lens_ptr + seq)
     context = length - q_len  # positions before this chunk's first query
@@ -229,7 +252,7 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
         kv_mask = valid[:, None] & (d[None, :] < head_dim)
         k = tl.load(k_ptr + (page * stride_kp + kvh * stride_kh + tok * stride_kt)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [BLOCK_Q, BLOCK_N]
+        s = dot(q, tl.trans(k), UPCAST) * scale  # [BLOCK_Q, BLOCK_N]
         visible = (n[None, :] <= context + i[:, None]) & valid[None, :]
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -239,20 +262,23 @@ def _chunk_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, starts_ptr, out_ptr,
         v = tl.load(v_ptr + (page * stride_vp + kvh * stride_vh + tok * stride_vt)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + (first + i)[:, None] * stride_ot + head * stride_oh + d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < head_dim))
 
 
-def paged_chunk_attention(q, k_cache, v_cache, block_tables, seq_lens, query_starts, scale=None):
-    """Triton ragged causal chunk attention; same signature as :func:`paged_chunk_attention_reference`."""
+def paged_chunk_attention(q, k_cache, v_cache, block_tables, seq_lens, query_starts, scale=None,
+                          max_query_len=None):
+    """Triton ragged causal chunk attention; same signature as :func:`paged_chunk_attention_reference`.
+    ``max_query_len`` (the chunk's width) sizes the grid without a host sync; a value below the longest
+    sequence's query count would leave its later queries zero (the reference raises)."""
     _check_cache(k_cache, v_cache)
     tokens, heads, head_dim = q.shape
     kv_heads, page_size = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.zeros_like(q)
+    out = q.new_zeros(tokens, heads, head_dim)  # contiguous whatever q's strides
     sequences = len(seq_lens)
     if tokens == 0 or sequences == 0:
         return out
@@ -260,11 +286,11 @@ def paged_chunk_attention(q, k_cache, v_cache, block_tables, seq_lens, query_sta
     starts = query_starts.to(torch.int32).contiguous()
     table = block_tables.to(torch.int32).contiguous()
     block_q = 16
-    max_q = int((query_starts[1:] - query_starts[:-1]).max())  # one small host sync: the grid needs it
+    max_q = tokens if max_query_len is None else max(1, min(int(max_query_len), tokens))  # host sizes only
     block_d = max(16, next_power_of_2(head_dim))
     _chunk_kernel[(sequences, _cdiv(max_q, block_q), heads)](
         q, k_cache, v_cache, table, seq_lens.to(torch.int32).contiguous(), starts, out, scale, heads // kv_heads,
         head_dim, page_size, table.stride(0), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), BLOCK_Q=block_q, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
+        v_cache.stride(2), UPCAST=interpreted_bf16(q), BLOCK_Q=block_q, BLOCK_N=32, BLOCK_D=block_d, num_warps=4)
     return out

@@ -18,7 +18,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import jit, next_power_of_2, tl
+from ._triton import dot, interpreted_bf16, jit, launch_options, next_power_of_2, tl
+
+# Tiles and launch settings of the fused matmul, read at each call: `bench kernels` sweeps them on a GPU.
+# block_m None: 16, 32 or 64 rows by the batch size.
+MATMUL_LAUNCH = {"block_m": None, "block_n": 64, "block_k": 32, "num_warps": 4, "num_stages": None}
 
 
 def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -38,7 +42,7 @@ def multi_lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: tor
 @jit
 def _shrink_kernel(x_ptr, a_ptr, ids_ptr, scale_ptr, t_ptr, k_dim, rank,
                    stride_an, stride_ar, stride_ak, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * k_dim passes 2^31 on big batches
     adapter = tl.load(ids_ptr + row).to(tl.int64)
     r = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -56,10 +60,11 @@ def _shrink_kernel(x_ptr, a_ptr, ids_ptr, scale_ptr, t_ptr, k_dim, rank,
 @jit
 def _matmul_expand_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, ids_ptr, y_ptr, m_dim, n_dim, k_dim, rank,
                           stride_bn, stride_bo, stride_br, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
+                          UPCAST: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: rows x width passes 2^31 on big batches
+    n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_dim, BLOCK_K):  # the shared dense weight: read once for every row of the tile
         k = k0 + tl.arange(0, BLOCK_K)
@@ -67,7 +72,7 @@ def _matmul_expand_kernel(x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, ids_ptr, y_ptr, 
                     other=0.0)
         w = tl.load(w_ptr + n[None, :] * k_dim + k[:, None], mask=(n[None, :] < n_dim) & (k[:, None] < k_dim),
                     other=0.0)
-        acc += tl.dot(x, w)
+        acc += dot(x, w, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < n_dim, other=0.0).to(tl.float32)[None, :]
     if HAS_LORA:  # each row adds its own adapter's expand: t[row] @ B_i^T
@@ -101,12 +106,13 @@ def multi_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     if has_lora:
         _shrink_kernel[(m_dim,)](x2, a, ids, scales.float().contiguous(), t, k_dim, rank, *a.stride(),
                                  BLOCK_R=next_power_of_2(rank), BLOCK_K=min(128, max(16, next_power_of_2(k_dim))))
-    block_m = 16 if m_dim <= 16 else 32 if m_dim <= 64 else 64
-    block_n, block_k = 64, 32
+    block_m = MATMUL_LAUNCH["block_m"] or (16 if m_dim <= 16 else 32 if m_dim <= 64 else 64)
+    block_n, block_k = MATMUL_LAUNCH["block_n"], MATMUL_LAUNCH["block_k"]
     grid = (triton_cdiv(m_dim, block_m), triton_cdiv(n_dim, block_n))
     _matmul_expand_kernel[grid](x2, w, bias if bias is not None else w, t, lora_b, ids, y, m_dim, n_dim, k_dim,
                                 rank, *lora_b.stride(), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-                                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+                                UPCAST=interpreted_bf16(x2), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                **launch_options(MATMUL_LAUNCH))
     return y.view(*lead, n_dim)
 
 

@@ -33,17 +33,18 @@ def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torc
 @jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, d, w_row_stride, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # int64: row * d passes 2^31 on a long batch of wide rows
     cols = tl.arange(0, BLOCK)
     mask = cols < d
     x = tl.load(x_ptr + row * d + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        x = x + tl.load(res_ptr + row * d + cols, mask=mask, other=0.0)  # in the input dtype, like torch
+    if HAS_RESIDUAL:  # rounded to the input dtype, like torch (16-bit arithmetic done in fp32, as torch does)
+        res = tl.load(res_ptr + row * d + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x.dtype)
         tl.store(h_ptr + row * d + cols, x, mask=mask)
     xf = x.to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / d + eps)
-    w = tl.load(w_ptr + row * w_row_stride + cols, mask=mask, other=0.0)
-    y = w * (xf * inv_rms).to(x.dtype)
+    w = tl.load(w_ptr + row * w_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = w * (xf * inv_rms).to(x.dtype).to(tl.float32)  # normalised, rounded to the input dtype, then weighted
     tl.store(y_ptr + row * d + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -19,7 +19,7 @@ def apply_rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 @jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, half,
                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # int64: tokens x heads x head_dim passes 2^31 on long prefills
     h = tl.arange(0, BLOCK_H)[:, None]
     j = tl.arange(0, BLOCK_D)[None, :]
     mask = (h < heads) & (j < half)

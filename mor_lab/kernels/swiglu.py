@@ -20,12 +20,12 @@ def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: MLP activations pass 2^31
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    act = (g / (1.0 + tl.exp(-g))).to(u.dtype)  # silu in fp32, rounded like torch's F.silu
-    tl.store(out_ptr + offs, act * u, mask=mask)
+    act = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)  # silu in fp32, rounded like torch's F.silu
+    tl.store(out_ptr + offs, (act * u.to(tl.float32)).to(u.dtype), mask=mask)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
