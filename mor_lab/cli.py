@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mor-lab: {e}", file=sys.stderr)
             return 2
         print(write_json(report, args.json_path))
+        if report.get("all_ok") is False:  # a checked output was wrong (bench kernels)
+            print("mor-lab: a checked output differs from its reference (see all_ok / the failed rows)", file=sys.stderr)
+            return 1
         return 0
     if args.command == "lab":
         return _lab(args, extra)

@@ -42,7 +42,7 @@ mkdir -p "$RESULTS" && RESULTS=$(cd "$RESULTS" && pwd)
 BUDGET=${GPU_CHECK_BUDGET_S:-420}
 ALL_STAGES="versions kernel-tests regressions sanitizer bench-kernels cdb-on cdb-off mor-on mor-off"
 STAGES=${GPU_CHECK_STAGES:-$ALL_STAGES}
-ENGINE_ARGS=${GPU_CHECK_ENGINE_ARGS:---random-weights --dtype bfloat16}
+ENGINE_ARGS=${GPU_CHECK_ENGINE_ARGS:---random-weights --dtype bfloat16 --repeats 1 --max-new-tokens 32 --shapes none}
 BATCHES=${GPU_CHECK_BATCHES:-8,32,128}
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 # no plugin autoload: ~4 s less per pytest start (nbval, playwright, ... are not used by the kernel tests)

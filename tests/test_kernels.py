@@ -278,9 +278,8 @@ def test_every_dot_goes_through_the_precision_helper():
 # --- the engine through the dispatcher: same tokens with the kernels as with the references -------------
 
 import mor_lab  # noqa: E402
-from mor_lab.engine.cdb import cdb_generate  # noqa: E402
-from mor_lab.engine.loops import FixedLoops, LoopedExit, LoopStructure  # noqa: E402
-from mor_lab.engine.policy import run_steps  # noqa: E402
+from mor_lab.engine.plan import LoopStructure  # noqa: E402
+from mor_lab.engine.policies import FixedLoops, LoopExit  # noqa: E402
 from mor_lab.models.cache import Chunk, KVCache  # noqa: E402
 from mor_lab.models.decoder import LoRA, StepDelta  # noqa: E402
 
@@ -308,9 +307,17 @@ def tiny_recursive(relaxed: bool):
 def generate_both(model):
     """The plain engine, static-batching loops with exits, and CDB with 2 slots for 3 requests."""
     full, _ = mor_lab.generate_ids(model, PROMPTS, 3, eos_token_ids=[])
-    static, _ = mor_lab.generate_ids(model, PROMPTS, 3, eos_token_ids=[], policy=LoopedExit(STRUCTURE, RULE))
-    cdb, _ = cdb_generate(model, STRUCTURE, PROMPTS, 3, 2, RULE)
+    static, _ = mor_lab.generate_ids(model, PROMPTS, 3, eos_token_ids=[], policy=LoopExit(RULE))
+    cdb, _ = mor_lab.generate_ids(model, PROMPTS, 3, eos_token_ids=[], policy=LoopExit(RULE), slots=2,
+                                  mode="continuous")
     return full, static, cdb
+
+
+def run_steps(model, h, cache, chunk):
+    rope = model.rope(chunk.positions)
+    for step in range(model.num_steps):
+        h = model.run_step(step, h, rope, cache, chunk)
+    return h
 
 
 @pytest.mark.parametrize("relaxed", [False, True])
@@ -332,9 +339,8 @@ def test_engine_hidden_states_close_with_kernels_and_references():
         with kernels.use(backend):
             cache = KVCache.for_model(model, 3, 8)
             ids = torch.arange(1, int(lengths.sum()) + 1, device=DEVICE)
-            h, _ = run_steps(model, model.embed(ids), range(model.num_steps), cache, Chunk.prefill(lengths))
-            d, _ = run_steps(model, model.embed(torch.tensor([7, 8, 9], device=DEVICE)), range(model.num_steps),
-                             cache, Chunk.decode(lengths))
+            h = run_steps(model, model.embed(ids), cache, Chunk.prefill(lengths))
+            d = run_steps(model, model.embed(torch.tensor([7, 8, 9], device=DEVICE)), cache, Chunk.decode(lengths))
             states.append((h, d))
     for a, b in zip(*states):
         close(a, b, (1e-4, 1e-4) if not CUDA else (5e-3, 5e-3))

@@ -131,7 +131,8 @@ def kv_memory(models: dict[str, MoRModel], context: int, batch_size: int) -> lis
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32), max_new_tokens: int | None = None,
         device: str | None = None, recursions=(2, 3, 4), shape: ModelConfig | None = None,
         max_memory_batch: int | None = None, dtype: str | None = None, head_rule: str | None = None, shapes=None,
-        repeats: int | None = None, kernels: str | None = None) -> dict:
+        repeats: int | None = None, kernels: str | None = None, random_weights: bool = True) -> dict:
+    """``random_weights`` is accepted for symmetry with ``bench cdb``: this suite always uses random weights."""
     if model_name is not None:
         raise ValueError("bench mor uses SmolLM2's shape with random weights; it takes no --model")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

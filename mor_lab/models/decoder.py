@@ -277,10 +277,10 @@ def _paged_attention(q: torch.Tensor, cache: KVCache, step: int | torch.Tensor, 
     contiguous = isinstance(step, int) and cache._owns[step]
     if chunk.width == 1 or not contiguous:
         return kernels.paged_decode_attention(q, pool_k, pool_v, token_page[:, None], chunk.slots + 1)
-    last = chunk.first + torch.bincount(chunk.local, minlength=chunk.batch_size) - 1
     starts = torch.cat([chunk.first, chunk.first.new_tensor([chunk.num_tokens])])
+    last = starts[1:] - 1
     return kernels.paged_chunk_attention(q, pool_k, pool_v, token_page[chunk.first][:, None], chunk.slots[last] + 1,
-                                         starts)
+                                         starts, max_query_len=chunk.width)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
