@@ -29,13 +29,19 @@ def test_prices_interpolate_and_extrapolate_without_going_down():
 def test_prediction_sums_the_passes_and_the_ideal_repacks_them_into_full_ones():
     cost = synthetic()
     trace = Trace(num_steps=10, slots=8)
-    trace.passes = [Pass("prefill", 4, 40, 400)] + [Pass("layer", 2, 2, 64)] * 10 + [Pass("head", 2, 2)]
+    trace.passes = [Pass("prefill", 4, 40, 400, 40)] + [Pass("layer", 2, 2, 64)] * 10 + [Pass("head", 2, 2)]
     trace.steps_ = [None] * 3  # 3 engine steps + 1 head call of bookkeeping
     predicted = cost.layer(40, 400) + 10 * cost.layer(2) + cost.head(2) + 4 * cost.overhead_s
     assert cost.predict(trace) == pytest.approx(predicted)
-    # ideal: 20 layer-tokens in passes of 8 rows (2.5 passes), 2 head rows (a quarter of a full head call)
-    ideal = cost.layer(40, 400) + 2.5 * cost.layer(8) + 0.25 * cost.head(8) + cost.overhead_s * (1 + 2.5 + 0.25)
+    # ideal: 20 decode layer-tokens in passes of 8 rows (2.5 passes), 2 head rows (a quarter of a full head
+    # call), the 40 prompt tokens at the best per-token rate measured (32 rows for 3.4 ms)
+    prompt = 40 * 3.4e-3 / 32
+    keys = max(0.0, 400 + 640 - (40 + 20) * 32) * cost.key_s  # fewer keys than the calibration's 32 each: 0
+    ideal = prompt + 2.5 * cost.layer(8) + keys + 0.25 * cost.head(8) + cost.overhead_s * (40 / 32 + 2.5 + 0.25)
     assert cost.ideal(trace) == pytest.approx(ideal)
+    mixed = Trace(num_steps=10, slots=8)  # the same prompt tokens riding in a decode pass: the same ideal
+    mixed.passes = [Pass("layer", 6, 42, 464, 40)] + [Pass("layer", 2, 2, 64)] * 9 + [Pass("head", 2, 2)]
+    assert cost.ideal(mixed) == pytest.approx(cost.ideal(trace))
     assert cost.ideal(trace) < cost.predict(trace)  # under-full passes are what the ideal removes
     assert set(cost.breakdown(trace)) == {"prefill", "layer", "head", "bookkeeping"}
 

@@ -171,26 +171,26 @@ class CostModel:
     def ideal(self, trace, slots: int | None = None) -> float:
         """The same work with perfect scheduling: every decode pass at ``slots`` (default the run's B) rows.
 
-        Per kind, the tokens the run pushed through passes of that kind are repacked into full passes;
-        prefill passes stay as they ran (every policy prefills the same prompts); attention keys are
-        the same total."""
+        Per kind, the decode tokens the run pushed through passes of that kind are repacked into full
+        passes; prompt tokens (whether in prefill passes or riding in mixed ones) are priced at the best
+        per-token rate the calibration measured (the largest chunk), the same for every schedule of the
+        same prompts; attention keys are the same total."""
         B = slots or trace.slots
         totals: dict[str, list[int]] = {}
-        passes = 0.0
-        t = 0.0
+        prompt_steps = 0
         for p in trace.passes:
-            if p.kind == "prefill":
-                t += self.layer(p.tokens, p.keys)
-                passes += 1
-                continue
-            entry = totals.setdefault(p.kind, [0, 0])
-            entry[0] += p.tokens
+            entry = totals.setdefault("layer" if p.kind == "prefill" else p.kind, [0, 0])
+            entry[0] += p.tokens - p.prefill
             entry[1] += p.keys
+            prompt_steps += p.prefill
+        t = prompt_steps * self.layer_s[-1] / self.rows[-1]
+        passes = prompt_steps / self.rows[-1]
         for kind, (tokens, keys) in totals.items():
             full = tokens / B
-            price = self.price(kind, B, B) if kind not in ("layer",) else self.layer(B)
-            extra = max(0.0, keys - tokens * self.ref_keys) * self.key_s if kind == "layer" else 0.0
-            t += full * price + extra
+            if kind == "layer":
+                t += full * self.layer(B) + max(0.0, keys - (tokens + prompt_steps) * self.ref_keys) * self.key_s
+            else:
+                t += full * self.price(kind, B, B)
             passes += full
         return t + self.overhead_s * passes
 

@@ -269,13 +269,14 @@ class Scheduler:
         chunk.track_lengths = False  # one length update for the whole pass, below
         rope = model.rope(sub.pos)
         rows, tokens, keys = chunk.batch_size, len(sub), int((slots + 1).sum())
-        kind = "prefill" if bool(sub.prefill.all()) else "layer"
+        prompt = int(sub.prefill.sum())
+        kind = "prefill" if prompt == tokens else "layer"
         h = sub.h
         layers = self.group_layers[g]
         for j, layer in enumerate(layers):
             steps = step0 + j
             h = model.run_layer(layer, h, rope, cache, chunk, steps)
-            self.trace.passes.append(Pass(kind, rows, tokens, keys))
+            self.trace.passes.append(Pass(kind, rows, tokens, keys, prompt))
             if self.record:
                 self._lens_store(sub, h, steps)
         cache.advance(step0, len(layers), chunk)
@@ -358,11 +359,12 @@ class Scheduler:
             chunk = Chunk.from_tokens(fin.row, slots, fin.pos, self.R, cols)
             chunk.track_lengths = False
             rope = model.rope(fin.pos)
-            kind = "prefill" if bool(fin.prefill.all()) else "layer"
+            prompt = int(fin.prefill.sum())
+            kind = "prefill" if prompt == len(fin) else "layer"
             keys = int((slots + 1).sum())
             for s in policy.finish:
                 h = model.run_layer(model.plan[s], h, rope, self.cache, chunk, s)
-                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), keys))
+                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), keys, prompt))
                 if self.record:
                     self._lens_store(fin, h, s)
             self.cache.advance(step0, len(policy.finish), chunk)
