@@ -545,29 +545,40 @@ class Decoder(nn.Module):
             raise ValueError("propagate takes one token per cache row")
         rope = self.rope(positions)
         passes = 0
+        for layer_index, group, delta in self._propagation_groups():
+            need = skipped[:, group]
+            tokens = need.any(1).nonzero().squeeze(1)
+            if len(tokens) == 0:
+                continue
+            layer = self.layers[layer_index]
+            x = norm(layer.input_layernorm, "input_layernorm", h[tokens], delta)
+            k, v = layer.self_attn.project_kv(x, (rope[0][tokens], rope[1][tokens]), delta)
+            passes += 1
+            r = rows[tokens]
+            for j, s in enumerate(group):
+                m = need[tokens, j]
+                if len(group) == 1 or bool(m.all()):
+                    cache.put(s, r, cache.length(s, r), k, v)
+                elif bool(m.any()):
+                    cache.put(s, r[m], cache.length(s, r[m]), k[m], v[m])
+        return passes
+
+    def _propagation_groups(self) -> list[tuple[int, list[int], "StepDelta | None"]]:
+        """(physical layer, the steps on it that share K/V, their delta): steps of one layer without deltas
+        form one group; a step with its own delta is a group of its own. Cached per plan and deltas."""
+        key = (tuple(self.plan), tuple(self.step_deltas.keys()))
+        cached = getattr(self, "_groups_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        groups = []
         for layer_index in range(len(self.layers)):
             steps = [s for s in range(self.num_steps) if self.plan[s] == layer_index]
-            groups = [[s for s in steps if self.delta(s) is None]] + [[s] for s in steps if self.delta(s) is not None]
-            for group in groups:
-                if not group:
-                    continue
-                need = skipped[:, group]
-                tokens = need.any(1).nonzero().squeeze(1)
-                if len(tokens) == 0:
-                    continue
-                layer, delta = self.layers[layer_index], self.delta(group[0])
-                x = norm(layer.input_layernorm, "input_layernorm", h[tokens], delta)
-                k, v = layer.self_attn.project_kv(x, (rope[0][tokens], rope[1][tokens]), delta)
-                passes += 1
-                for j, s in enumerate(group):
-                    m = need[tokens, j]
-                    if bool(m.all()):
-                        r = rows[tokens]
-                        cache.put(s, r, cache.length(s, r), k, v)
-                    elif bool(m.any()):
-                        r = rows[tokens][m]
-                        cache.put(s, r, cache.length(s, r), k[m], v[m])
-        return passes
+            tied = [s for s in steps if self.delta(s) is None]
+            if tied:
+                groups.append((layer_index, tied, None))
+            groups += [(layer_index, [s], self.delta(s)) for s in steps if self.delta(s) is not None]
+        self._groups_cache = (key, groups)
+        return groups
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
