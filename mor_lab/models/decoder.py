@@ -363,12 +363,25 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape ``positions.shape + (1, head_dim)``: they broadcast over heads."""
+        """cos, sin of shape ``positions.shape + (1, head_dim)``: they broadcast over heads.
+
+        The engine's packed passes read them from a table of every position computed once (the same
+        element-wise values: a lookup instead of ten small ops per pass)."""
+        if FAST.enabled and positions.dim() == 1 and self.config.rope.get("rope_type") != "dynamic" and \
+                self.config.max_position_embeddings <= 16384:  # a table of at most 16k positions
+            table = getattr(self, "_table", None)
+            if table is None or table[0].dtype != dtype or table[0].device != positions.device:
+                every = torch.arange(self.config.max_position_embeddings, device=positions.device)
+                self._table = table = self._compute(every, dtype, self.inv_freq)
+            return table[0][positions], table[1][positions]
         inv_freq = self.inv_freq
         if self.config.rope.get("rope_type") == "dynamic":
             seq_len = int(positions.max()) + 1
             if seq_len > self.config.max_position_embeddings:
                 inv_freq = rope_inverse_frequencies(self.config, seq_len)[0].to(positions.device)
+        return self._compute(positions, dtype, inv_freq)
+
+    def _compute(self, positions, dtype, inv_freq):
         freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.scale).to(dtype).unsqueeze(-2), (emb.sin() * self.scale).to(dtype).unsqueeze(-2)
