@@ -226,4 +226,13 @@ class DepthExplorer:
         return run
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live app, plus a static copy of the last run (the depth figure and the summary) for viewers
+        without a kernel or widget manager (a saved notebook, nbviewer)."""
+        from .viz.widgets import static_bundle
+        bundle = {}
+        if self.last is not None:
+            bundle = static_bundle(depth_figure(self.last), f"<p>{summary_html(self.last)}</p>")
+            bundle["text/plain"] = (f"depth explorer: {self.last.plan}, {self.last.mean_depth:.1f} of "
+                                    f"{self.last.max_depth} layers per token, {self.last.tokens_per_s:.1f} tokens/s")
+        bundle.update(self.widget._repr_mimebundle_(**kwargs))
+        return bundle
