@@ -234,5 +234,8 @@ class DepthExplorer:
             bundle = static_bundle(depth_figure(self.last), f"<p>{summary_html(self.last)}</p>")
             bundle["text/plain"] = (f"depth explorer: {self.last.plan}, {self.last.mean_depth:.1f} of "
                                     f"{self.last.max_depth} layers per token, {self.last.tokens_per_s:.1f} tokens/s")
+        text = bundle.get("text/plain")
         bundle.update(self.widget._repr_mimebundle_(**kwargs))
+        if text:
+            bundle["text/plain"] = text
         return bundle
