@@ -271,3 +271,19 @@ def test_free_loss_takes_every_distillation_variant():
         out = losses.free_loss(shallow_logits, deep_logits, targets, shallow_layers=2, num_layers=L, alpha=0.5,
                                kd=kd, hidden=stack, layer_map=[3, 7], norm=norm)
         torch.testing.assert_close(out.total, ce + 0.5 * distill)
+
+
+def test_calm_threshold_paper_form_adds_an_unscaled_term():
+    """The CALM paper's decaying threshold, clip(9/10 * tau + 1/10 * exp(-T t / N)), beside FREE's code's
+    0.9 tau + 0.1 tau exp(-T t / N): equal at tau = 1, the paper's stricter for small tau early on."""
+    import math
+
+    from mor_lab.early_exit.confidence import calm_threshold
+    for tau, t in ((1.0, 3), (0.3, 1), (0.5, 40)):
+        paper = min(1.0, 0.9 * tau + 0.1 * math.exp(-4.0 * t / 48))
+        code = 0.9 * tau + 0.1 * tau * math.exp(-4.0 * t / 48)
+        assert calm_threshold(tau, t, 48, form="calm") == pytest.approx(paper)
+        assert calm_threshold(tau, t, 48) == pytest.approx(code)
+    assert calm_threshold(0.3, 1, 48, form="calm") > 0.3 > calm_threshold(0.3, 1, 48)
+    with pytest.raises(ValueError, match="form must be"):
+        calm_threshold(0.5, 1, 48, form="other")

@@ -122,8 +122,14 @@ def exits(confidence: torch.Tensor, threshold, *, inclusive: bool = False, layer
     return out
 
 
-def calm_threshold(tau: float, position: int, max_len: int, temperature: float = 4.0) -> float:
-    """CALM's decaying threshold at ``position``: ``0.9*tau + 0.1*tau*exp(-temperature * position / max_len)``.
+def calm_threshold(tau: float, position: int, max_len: int, temperature: float = 4.0, form: str = "free") -> float:
+    """CALM's decaying threshold at ``position``, clipped to [0, 1].
+
+    ``form="free"`` (the default, what FREE's code computes): ``0.9*tau + 0.1*tau*exp(-temperature * position /
+    max_len)``: it starts at ``tau`` and decays towards ``0.9 * tau``. ``form="calm"``: the CALM paper's
+    equation, ``0.9*tau + 0.1*exp(-temperature * position / max_len)``: the added term does not scale with
+    ``tau``, so the first tokens face a threshold above ``tau`` (``0.9 tau + 0.1``) and the last ones about
+    ``0.9 tau``. For ``tau`` near 1 the two agree; for a low ``tau`` the paper's is much stricter early on.
 
     ``position`` is what FREE's code passes (``pos_time = past decoder length + 1``): the 1-based index of the
     token being generated among the generated tokens, so the first generated token has position 1.
@@ -132,11 +138,14 @@ def calm_threshold(tau: float, position: int, max_len: int, temperature: float =
     maximum output length (the reference's ``max_answer_length``); ``temperature`` the reference's
     ``exit_position_temp`` (it has no default there; CALM's t5x code defaults to 4, though it never
     passes a position, so its decay stays at ``tau``). Early tokens steer the rest of the output, so they
-    get a slightly stricter threshold; clipped to [0, 1].
+    get a slightly stricter threshold.
     """
     if max_len <= 0:
         raise ValueError(f"max_len must be a positive number of tokens, got {max_len!r}")
     if position < 0:
         raise ValueError(f"position must be >= 0 (1 for the first generated token), got {position!r}")
-    value = 0.9 * tau + 0.1 * tau * math.exp(-temperature * position / max_len)
+    if form not in ("free", "calm"):
+        raise ValueError(f"form must be 'free' (FREE's code) or 'calm' (the CALM paper's equation), got {form!r}")
+    decay = math.exp(-temperature * position / max_len)
+    value = 0.9 * tau + 0.1 * (tau if form == "free" else 1.0) * decay
     return min(1.0, max(0.0, value))

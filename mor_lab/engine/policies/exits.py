@@ -90,9 +90,9 @@ class CalmExit(DepthPolicy):
 
     def __init__(self, threshold: float, exit_layers, measure: str = "softmax", per_row: bool = False,
                  heads=None, decay_max_len: int | None = None, propagate_state: bool = True,
-                 inclusive: bool = False, min_layer: int | None = None):
+                 inclusive: bool = False, min_layer: int | None = None, decay_form: str = "free"):
         canonical_measure(measure)  # a clear error for an unknown name
-        self.inclusive, self.min_layer = inclusive, min_layer
+        self.inclusive, self.min_layer, self.decay_form = inclusive, min_layer, decay_form
         self.threshold, self.measure, self.per_row = threshold, measure, per_row
         self.exit_layers, self.heads, self.decay_max_len = sorted(set(exit_layers)), heads, decay_max_len
         self.propagate = propagate_state
@@ -111,7 +111,8 @@ class CalmExit(DepthPolicy):
     def tau(self, tokens: Tokens, ctx: Context) -> torch.Tensor | float:
         if self.decay_max_len is None:
             return self.threshold
-        return torch.tensor([calm_threshold(self.threshold, k + 1, self.decay_max_len) for k in ctx.index.tolist()],
+        return torch.tensor([calm_threshold(self.threshold, k + 1, self.decay_max_len, form=self.decay_form)
+                             for k in ctx.index.tolist()],
                             device=tokens.h.device)
 
     def decide(self, tokens, h, ctx):
