@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--port", type=int, default=None)
     explore.add_argument("--no-browser", action="store_true")
     explore.add_argument("--notebook", default=None, help="serve this notebook instead of the packaged explorer")
+
+    from .train.cli import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 kwargs[name] = getattr(args, name)
         print(write_json(suite.run(**kwargs), args.json_path))
         return 0
+    if args.command == "train":
+        from .train.cli import run as run_train
+        return run_train(args)
     if args.command == "lab":
         return _lab(args, extra)
     if args.command == "explore":
