@@ -141,6 +141,13 @@ def equal_flops_table(logs: dict[str, list[dict]]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------
 # (c) routed depth matters
 
+def random_routing(loops: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random router with the same capacities: each row's recursions ``[B, T]`` moved to random tokens
+    (a per-row permutation), so every recursion keeps its number of tokens and selections stay nested."""
+    order = torch.rand(loops.shape, generator=generator).argsort(-1).to(loops.device)
+    return loops.gather(1, order)
+
+
 @torch.no_grad()
 def depth_ablation(model: MoRModel, blocks: torch.Tensor, *, draws: int = 3, seed: int = 0,
                    batch_size: int = 8) -> dict:
@@ -159,13 +166,8 @@ def depth_ablation(model: MoRModel, blocks: torch.Tensor, *, draws: int = 3, see
     if model.kind in ("expert", "token"):
         out["learned_causal"] = nats_per_token(model, blocks, causal=True, batch_size=batch_size)
         generator = torch.Generator().manual_seed(seed)
-        losses = []
-        for _ in range(draws):
-            def shuffled(ids):
-                loops = learned(ids)
-                order = torch.rand(loops.shape, generator=generator).argsort(-1).to(loops.device)
-                return loops.gather(1, order)
-            losses.append(_loss(model, blocks, batch_size, shuffled))
+        losses = [_loss(model, blocks, batch_size, lambda ids: random_routing(learned(ids), generator))
+                  for _ in range(draws)]
         out["random"] = statistics.fmean(losses)
         out["random_std"] = statistics.stdev(losses) if len(losses) > 1 else 0.0
         out["random_draws"] = losses
@@ -286,5 +288,5 @@ def routing_agreement(model: MoRModel, blocks: torch.Tensor, *, batch_size: int 
 
 
 __all__ = ["TOKEN_CLASSES", "char_classes", "classify_pieces", "depth_ablation", "equal_flops_table",
-           "family_logs", "greedy_sample", "heldout_report", "nats_per_token", "recursions_by_class",
-           "routing_agreement"]
+           "family_logs", "greedy_sample", "heldout_report", "nats_per_token", "random_routing",
+           "recursions_by_class", "routing_agreement"]

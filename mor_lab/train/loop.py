@@ -326,6 +326,7 @@ class TrainLog(DictConfig):
     total_tokens: int = 0
     total_flops: float = 0.0
     total_seconds: float = 0.0
+    total_cpu_seconds: float = 0.0  # this process's CPU time (all threads): robust to a busy machine
     result: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
@@ -559,8 +560,8 @@ def fit(module: torch.nn.Module, params: Iterable[torch.nn.Parameter], batches: 
 
         from tqdm.auto import tqdm
         bar = tqdm(total=total, initial=start, desc=name, disable=not progress or not main)
-        session_start, session_tokens = time.perf_counter(), 0
-        seconds_before = log.total_seconds
+        session_start, session_tokens, session_cpu = time.perf_counter(), 0, time.process_time()
+        seconds_before, cpu_before = log.total_seconds, log.total_cpu_seconds
         window: dict[str, float] = {}
         prepared.train()
         for step in range(start, total):
@@ -589,6 +590,7 @@ def fit(module: torch.nn.Module, params: Iterable[torch.nn.Parameter], batches: 
             log.steps_done, log.total_tokens = step + 1, log.total_tokens + tokens
             log.total_flops += float(reduced.get("flops", 0.0))
             log.total_seconds = seconds_before + time.perf_counter() - session_start
+            log.total_cpu_seconds = cpu_before + time.process_time() - session_cpu
             session_tokens += tokens
             for k, v in reduced.items():
                 if k != "flops" and v.numel() == 1:

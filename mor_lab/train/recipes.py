@@ -109,7 +109,8 @@ def _heldout(validation: torch.Tensor, tokens: int, seq_len: int) -> torch.Tenso
 
 def save_heldout(directory: Path, blocks: torch.Tensor) -> None:
     from safetensors.torch import save_file
-    save_file({"ids": blocks.to(torch.int32).contiguous()}, str(directory / "heldout.safetensors"))
+    dtype = torch.int16 if int(blocks.max()) < 2 ** 15 else torch.int32  # a few KB per checkpoint
+    save_file({"ids": blocks.to(dtype).contiguous()}, str(directory / "heldout.safetensors"))
 
 
 def run_family(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: bool, progress: bool,
@@ -150,7 +151,8 @@ def run_family(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: bo
                                                if "embed" not in n and "lm_head" not in n),
                    "mean_loops": result.mean_loops[-1] if result.mean_loops else None,
                    "train_flops": result.log.total_flops, "flops_budget": budget, "steps": result.steps,
-                   "tokens": result.tokens, "minutes": result.log.total_seconds / 60}
+                   "tokens": result.tokens, "minutes": result.log.total_seconds / 60,
+                   "cpu_minutes": result.log.total_cpu_seconds / 60}
         scalars = {k: v for k, v in result.to_dict().items() if not isinstance(v, list)}  # curves: in the log
         result.log.result = {**scalars, **summary}
         result.log.save(out / "train.json")
