@@ -9,8 +9,8 @@ import mor_lab
 from mor_lab.checkpoints import heldout_blocks, model_dir, parse_name
 from mor_lab.models.hf import ModelLoadError
 from mor_lab.mor import MoRModel
-from mor_lab.mor.analysis import (classify_pieces, depth_ablation, equal_flops_table, family_logs, greedy_sample,
-                                  heldout_report, nats_per_token, random_routing, recursions_by_class,
+from mor_lab.mor.analysis import (classify_pieces, depth_ablation, equal_flops_table, family_logs, family_report,
+                                  greedy_sample, heldout_report, nats_per_token, random_routing, recursions_by_class,
                                   routing_agreement)
 from mor_lab.train.recipes import run_recipe
 
@@ -118,6 +118,14 @@ def test_recursions_by_class_and_routing_agreement(lab):
     assert agreement["meets_target"] == all(v >= 0.9 for v in agreement["per_recursion"].values())
     with pytest.raises(ValueError, match="routed MoR model"):
         routing_agreement(mor_lab.load_pretrained("lab:vanilla")[0], blocks)
+
+
+def test_family_report_covers_every_model(lab):
+    report = family_report(lab, ["vanilla", "mor-token-3"], max_new_tokens=2, draws=1)
+    assert set(report["models"]) == {"vanilla@seed0", "vanilla@seed1", "mor-token-3@seed0"}
+    assert [r["model"] for r in report["equal_flops"]] == ["vanilla", "mor-token-3"]
+    assert set(report["models"]["mor-token-3@seed0"]) == {"heldout", "depth", "by_class", "agreement"}
+    assert set(report["models"]["vanilla@seed0"]) == {"heldout"}
 
 
 def test_token_classes_of_code_and_prose():

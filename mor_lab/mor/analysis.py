@@ -27,6 +27,9 @@ import torch
 from ..train.losses import cross_entropy, next_token_targets
 from .model import MoRModel, decode_routing, topk_agreement
 
+# Prompts for the greedy samples: one code, one prose (the corpus is both).
+SAMPLE_PROMPTS = ("def read_config(path):\n    ", "The default value of")
+
 
 def _batches(blocks: torch.Tensor, batch_size: int):
     if blocks.dim() != 2:
@@ -287,6 +290,28 @@ def routing_agreement(model: MoRModel, blocks: torch.Tensor, *, batch_size: int 
             "target": target, "meets_target": all(v >= target for v in per.values()), "tokens": tokens}
 
 
-__all__ = ["TOKEN_CLASSES", "char_classes", "classify_pieces", "depth_ablation", "equal_flops_table",
-           "family_logs", "greedy_sample", "heldout_report", "nats_per_token", "random_routing",
+def family_report(root: str | Path | None = None, members=None, *, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 48,
+                  draws: int = 3) -> dict:
+    """(a)-(e) for every seed of every member under ``root`` (default: the committed models), each on the
+    held-out blocks its logged loss was measured on; plus (b), the equal-FLOPs table."""
+    from ..checkpoints import FAMILY, checkpoints_root, heldout_blocks, load_dir
+    from ..models.hf import load_tokenizer
+    root = Path(root) if root is not None else checkpoints_root()
+    members = list(members or FAMILY)
+    out = {"equal_flops": equal_flops_table(family_logs(root, members)), "models": {}}
+    for member in members:
+        for directory in sorted((root / member).glob("seed*")):
+            model, tokenizer, blocks = load_dir(directory), load_tokenizer(directory), heldout_blocks(directory)
+            entry = {"heldout": heldout_report(model, tokenizer, blocks, list(prompts), max_new_tokens)}
+            if _routed(model):
+                entry["depth"] = depth_ablation(model, blocks, draws=draws)
+                entry["by_class"] = recursions_by_class(model, tokenizer, blocks)
+                if model.kind in ("expert", "token"):
+                    entry["agreement"] = routing_agreement(model, blocks)
+            out["models"][f"{member}@{directory.name}"] = entry
+    return out
+
+
+__all__ = ["SAMPLE_PROMPTS", "TOKEN_CLASSES", "char_classes", "classify_pieces", "depth_ablation", "equal_flops_table",
+           "family_logs", "family_report", "greedy_sample", "heldout_report", "nats_per_token", "random_routing",
            "recursions_by_class", "routing_agreement"]

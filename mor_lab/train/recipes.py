@@ -28,8 +28,6 @@ from typing import Callable
 import torch
 
 SIZES = ("quick", "full")
-# Prompts for the greedy samples in each family log: one code, one prose.
-SAMPLE_PROMPTS = ("def read_config(path):\n    ", "The default value of")
 
 
 @dataclass(frozen=True)
@@ -62,11 +60,13 @@ FAMILY_SIZES = {
                   vanilla_steps=24, lr=3e-3, warmup=0.1, decay=0.2, min_lr=0.1, weight_decay=0.1,
                   eval_tokens=2048, eval_every=0, log_every=4, checkpoint_every=8, precision="fp32",
                   router={}, sample_tokens=16),
-    # Sized for ~12 minutes per member on a 2-core CPU (fp32: bf16 autocast is ~2.5x slower there).
+    # Sized by measured runs for ~10 minutes per member on an idle 2-core CPU (vanilla ~5.4k tokens/s, MoR
+    # ~6.8k at the same FLOPs/s; fp32: bf16 autocast is 2.3-2.7x slower there). Batch 8 and lr 2e-3 won the
+    # short sweeps; every member's checkpoint is 2.6-4.2 MB in fp16 (2 seeds x 4 members ~27 MB with logs).
     "full": dict(corpus="lab", max_chars=None, vocab_size=4096, hidden_size=128, intermediate_size=384,
-                 num_layers=8, num_heads=4, num_kv_heads=2, max_positions=1024, seq_len=256, batch_size=16,
-                 vanilla_steps=1500, lr=3e-3, warmup=0.05, decay=0.2, min_lr=0.1, weight_decay=0.1,
-                 eval_tokens=32768, eval_every=250, log_every=10, checkpoint_every=100, precision="fp32",
+                 num_layers=8, num_heads=4, num_kv_heads=2, max_positions=1024, seq_len=256, batch_size=8,
+                 vanilla_steps=1600, lr=2e-3, warmup=0.05, decay=0.2, min_lr=0.1, weight_decay=0.1,
+                 eval_tokens=16384, eval_every=250, log_every=10, checkpoint_every=100, precision="fp32",
                  router={}, sample_tokens=48),
 }
 
@@ -116,7 +116,7 @@ def save_heldout(directory: Path, blocks: torch.Tensor) -> None:
 def run_family(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: bool, progress: bool,
                accelerator=None, command: str | None = None) -> dict:
     from ..checkpoints import load_dir
-    from ..mor.analysis import heldout_report
+    from ..mor.analysis import SAMPLE_PROMPTS, heldout_report
     from ..mor.model import MoRModel
     from ..mor.train import TrainConfig, train
     from .tokenizer import corpus_tokens
