@@ -173,7 +173,7 @@ import mor_lab
 from mor_lab.mor import MoRConfig, MoRModel
 from mor_lab.mor.train import TrainConfig, train
 from mor_lab.train.loop import make_accelerator
-accelerator = make_accelerator("cpu")
+accelerator = make_accelerator()  # as the recipes call it: on a CPU-only machine, cpu=True forms the gloo group
 torch.set_num_threads(1)
 dims = mor_lab.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=5, num_heads=2,
                            num_kv_heads=1, max_position_embeddings=64)

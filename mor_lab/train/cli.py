@@ -52,5 +52,7 @@ def run(args) -> int:
     except (ValueError, CorpusError, ModelLoadError, FileNotFoundError) as e:
         print(f"mor-lab train: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1, default=str))
+    from accelerate import PartialState
+    if PartialState().is_main_process:  # under accelerate launch: one summary, not one per process
+        print(json.dumps(summary, indent=1, default=str))
     return 0

@@ -439,10 +439,13 @@ LossFn = Callable[[torch.nn.Module, object, int], tuple[torch.Tensor, dict]]
 
 
 def make_accelerator(device=None):
-    """An ``Accelerator`` for ``device`` (CPU when the model lives there; else accelerate's choice).
-    Under ``accelerate launch`` it reads the launcher's settings (processes, backend, FSDP)."""
+    """An ``Accelerator`` for ``device`` (CPU when the model lives there or the machine has no accelerator;
+    else accelerate's choice). Under ``accelerate launch`` it reads the launcher's settings (processes,
+    backend, FSDP); on a CPU-only machine ``cpu=True`` is what makes the launched processes one gloo
+    group (without it each would train alone)."""
     from accelerate import Accelerator
-    cpu = device is not None and torch.device(device).type == "cpu"
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    cpu = (device is not None and torch.device(device).type == "cpu") or not has_accelerator
     return Accelerator(cpu=cpu)
 
 
