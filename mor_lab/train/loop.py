@@ -12,8 +12,10 @@ optimiser (DDP when launched with ``accelerate launch --num_processes N``; FSDP 
 accelerate's config). The data is not a ``DataLoader``: every stream here yields the *global* batch
 from a seeded, resumable position, and each process trains on its slice of it, so a run with N
 processes sees exactly the batches of a one-process run (tested with two CPU processes over gloo) and
-resuming needs no sampler state. bf16 autocast is an option (``precision="bf16"``), not a default:
-on CPUs without bf16 matmul units it is slower than fp32 (measured: ~2.5x on an Ice Lake Xeon).
+resuming needs no sampler state. A loss that is not a mean over the batch's rows differs between
+the two (MoR token-choice's balancing loss is computed per process, as in most MoE code).
+bf16 autocast is an option (``precision="bf16"``), not a default: on CPUs without bf16 matmul units
+it is slower than fp32 (measured on a 2-core Ice Lake Xeon without AVX512-BF16: 2.0-2.7x).
 """
 from __future__ import annotations
 
