@@ -331,6 +331,20 @@ class TrainLog(DictConfig):
     total_cpu_seconds: float = 0.0  # this process's CPU time (all threads): robust to a busy machine
     result: dict = field(default_factory=dict)
 
+    def add_point(self, step: int, sums: dict[str, float]) -> None:
+        """A point of the curve at ``step``: the mean of each metric summed since the last point
+        (``loss`` and ``lr`` among them), and the cumulative counters."""
+        n = step - (self.step[-1] if self.step else 0)
+        mean = {k: v / n for k, v in sums.items()}
+        self.step.append(step)
+        self.loss.append(mean.pop("loss"))
+        self.lr.append(mean.pop("lr"))
+        self.tokens.append(self.total_tokens)
+        self.flops.append(self.total_flops)
+        self.seconds.append(round(self.total_seconds, 3))
+        for k, v in mean.items():
+            self.metrics.setdefault(k, []).append(v)
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -602,17 +616,8 @@ def fit(module: torch.nn.Module, params: Iterable[torch.nn.Parameter], batches: 
                     window[k] = window.get(k, 0.0) + float(v)
             window["lr"] = window.get("lr", 0.0) + lr
             if (step + 1) % config.log_every == 0 or step + 1 == total:
-                n = (step + 1) - (log.step[-1] if log.step else 0)
-                mean = {k: v / n for k, v in window.items()}
+                log.add_point(step + 1, window)
                 window = {}
-                log.step.append(step + 1)
-                log.loss.append(mean.pop("loss"))
-                log.lr.append(mean.pop("lr"))
-                log.tokens.append(log.total_tokens)
-                log.flops.append(log.total_flops)
-                log.seconds.append(round(log.total_seconds, 3))
-                for k, v in mean.items():
-                    log.metrics.setdefault(k, []).append(v)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
                 run_eval(step + 1, final=False)
             if out is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 \
