@@ -37,7 +37,8 @@ def test_every_member_trains_at_its_quick_size_and_logs_the_command_that_reprodu
         held = log["result"]["heldout"]
         assert held["nats_per_token"] < held["uniform"] == pytest.approx(math.log(512))
         assert log["result"]["weights_dtype"] == "float16" and log["machine"]["precision"] == "fp32"
-        assert {"model.safetensors", "tokenizer.json", "heldout.safetensors", "resume"} <= {p.name for p in out.iterdir()}
+        files = {p.name for p in out.iterdir()}
+        assert {"model.safetensors", "tokenizer.json", "heldout.safetensors", "resume"} <= files
         assert log["total_flops"] == pytest.approx(log["result"]["flops_budget"], rel=0.3)  # equal FLOPs
         assert len(log["result"]["samples"]) == 2
     loops = {m: json.loads((tmp_path / m / "train.json").read_text())["result"]["mean_loops"]
@@ -50,11 +51,12 @@ def test_resume_continues_refuses_another_config_and_never_overwrites(tmp_path, 
     first = run_recipe("vanilla", "quick", out=out, overrides=SMALL, progress=False)
     again = run_recipe("vanilla", "quick", out=out, overrides=SMALL, resume=True, progress=False)
     assert again["heldout"] == first["heldout"] and again["steps"] == first["steps"]
-    assert main(["train", "vanilla", "--size", "quick", "--out", str(out), "--resume", *sets({**SMALL, "lr": 1e-3})]) == 2
+    run = ["train", "vanilla", "--size", "quick", "--out", str(out)]
+    assert main([*run, "--resume", *sets({**SMALL, "lr": 1e-3})]) == 2
     assert "another configuration" in (err := capsys.readouterr().err) and "lr is 0.003 in the checkpoint" in err
-    assert main(["train", "vanilla", "--size", "quick", "--seed", "2", "--out", str(out), "--resume", *sets(SMALL)]) == 2
+    assert main([*run, "--seed", "2", "--resume", *sets(SMALL)]) == 2
     assert "seed" in capsys.readouterr().err
-    assert main(["train", "vanilla", "--size", "quick", "--out", str(out), *sets(SMALL)]) == 2
+    assert main([*run, *sets(SMALL)]) == 2
     assert "--resume" in capsys.readouterr().err
 
 

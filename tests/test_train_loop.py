@@ -150,7 +150,8 @@ def test_streams_resume_from_their_position_and_reject_bad_input():
     rest = [next(stream) for _ in range(9)]
     again = TokenStream(torch.arange(200), 2, 10, seed=3)
     again.load_state_dict(state)
-    assert state == {"epoch": 1, "index": 3} and all(torch.equal(a, b) for a, b in zip(rest, [next(again) for _ in range(9)]))
+    assert state == {"epoch": 1, "index": 3}
+    assert all(torch.equal(a, b) for a, b in zip(rest, [next(again) for _ in range(9)]))
     assert not torch.equal(first[0], first[10])  # each epoch its own order
     with pytest.raises(ValueError, match="make no batch of 4 x 64"):
         TokenStream(torch.arange(200), 4, 64)

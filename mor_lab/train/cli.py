@@ -19,7 +19,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog="recipes:\n" + "\n".join(f"  {r.name:20s} {r.summary}" for r in RECIPES.values()))
     p.add_argument("recipe", help="the recipe's name (see below)")
     p.add_argument("--size", choices=SIZES, default=pick(quick="quick", full="full"),
-                   help="quick: a CPU smoke run of seconds; full: the recipe (default: full, quick when MOR_LAB_QUICK=1)")
+                   help="quick: a CPU smoke run of seconds; full: the recipe "
+                        "(default: full, quick when MOR_LAB_QUICK=1)")
     p.add_argument("--seed", type=int, default=0, help="model init and data order (default 0)")
     p.add_argument("--out", default=None, help="output directory (default: runs/RECIPE-SIZE-seedN)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")

@@ -254,7 +254,8 @@ def run_uptrain(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: b
                                "teacher_nats_per_token": _decoder_nll(teacher, heldout),
                                "uniform": math.log(teacher.config.vocab_size), "tokens": int(heldout.numel())},
                    "before_uptraining": before, "weights_dtype": "float16", "plan": student.plan,
-                   "params": {"teacher": conversion.params_before, "student": sum(p.numel() for p in stored.parameters())},
+                   "params": {"teacher": conversion.params_before,
+                              "student": sum(p.numel() for p in stored.parameters())},
                    "minutes": result.seconds / 60, "losses": result.losses}
         result.log.result = {k: v for k, v in summary.items() if k != "losses"}  # the curve is in the log
         result.log.save(out / "train.json")
