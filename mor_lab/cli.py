@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     explore.add_argument("--port", type=int, default=None)
     explore.add_argument("--no-browser", action="store_true")
     explore.add_argument("--notebook", default=None, help="serve this notebook instead of the packaged explorer")
+
+    from .train.cli import add_parser as add_train_parser
+    add_train_parser(sub)
     return parser
 
 
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             print("mor-lab: a checked output differs from its reference (see all_ok / the failed rows)", file=sys.stderr)
             return 1
         return 0
+    if args.command == "train":
+        from .train.cli import run as run_train
+        return run_train(args)
     if args.command == "lab":
         return _lab(args, extra)
     if args.command == "explore":

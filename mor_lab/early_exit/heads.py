@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..models.config import DictConfig
+from ..train.loop import Cycle, LoopConfig, OptimConfig, RowStream, TrainLog, fit, make_accelerator, only_training
 from ..train.losses import (IGNORE_INDEX, KD_KINDS, calm_loss, free_loss, kl_distill, meta_loss,
                             next_token_targets)
 from .confidence import MEASURES, MetaClassifier, confidence
@@ -252,6 +252,7 @@ class TrainHistory:
     loss: list[float] = field(default_factory=list)  # the exits' objective (FREE or CALM)
     meta_loss: list[float] = field(default_factory=list)  # the meta classifiers' BCE (empty if not trained)
     seconds: float = 0.0
+    log: TrainLog | None = None  # the training loop's full log
 
 
 def exit_objective(objective: str, exit_logits: dict[int, torch.Tensor], deep_logits: torch.Tensor,
@@ -279,41 +280,56 @@ def exit_objective(objective: str, exit_logits: dict[int, torch.Tensor], deep_lo
     return ce + alpha * kl
 
 
-@contextlib.contextmanager
-def _frozen(model):
-    """Backbone weights without gradients for the duration (gradients still flow *through* them)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
+class _ExitObjective(nn.Module):
+    """What :func:`train_exit_heads` optimises, as one module, so that ``accelerate`` (DDP, FSDP) wraps
+    exactly the parts that train: the heads, plus the backbone when it is fine-tuned. A frozen backbone
+    is held outside the module tree (not wrapped, not checkpointed)."""
 
+    def __init__(self, model, heads: ExitHeads, cache: ExitCache | None, objective: str, alpha: float, kd: str,
+                 temperature: float, train_meta: bool, full_finetune: bool):
+        super().__init__()
+        self.heads = heads
+        if full_finetune:
+            self.model = model
+        else:
+            self.__dict__["model"] = model
+        self.cache, self.objective, self.alpha, self.kd = cache, objective, alpha, kd
+        self.temperature, self.train_meta, self.full_finetune = temperature, train_meta, full_finetune
 
-def _token_batches(num_tokens: int, batch_tokens: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Row indices: epochs of a seeded permutation, ``batch_tokens`` at a time (all rows if fewer)."""
-    while True:
-        order = torch.randperm(num_tokens, generator=generator)
-        for i in range(0, max(1, num_tokens - batch_tokens + 1), batch_tokens):
-            yield order[i:i + batch_tokens]
-
-
-def _repeat_blocks(tokens) -> Iterator[torch.Tensor]:
-    while True:
-        empty = True
-        for ids in _blocks(tokens):
-            empty = False
-            yield ids
-        if empty:
-            raise ValueError("train_exit_heads got no token blocks (an exhausted iterator?)")
+    def forward(self, batch: torch.Tensor):
+        model, heads = self.model, self.heads
+        if self.full_finetune:  # batch: [B, T] token ids
+            ids = batch.to(model.device)
+            targets = next_token_targets(ids)
+            deep_logits, hidden = model(ids, return_hidden=True)
+            exit_hidden = {k: hidden[k] for k in heads.exit_layers}
+        else:  # batch: row indices into the cache
+            cache, idx, hidden = self.cache, batch.to(self.cache.final.device), None
+            targets = cache.targets[idx].to(model.device)
+            with torch.no_grad():
+                deep_logits = model.head(cache.final[idx].to(model.device))
+            exit_hidden = {k: cache.exits[k][idx].to(model.device) for k in heads.exit_layers}
+        exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
+        loss = exit_objective(self.objective, exit_logits, deep_logits, targets, model.num_steps, self.alpha,
+                              self.kd, self.temperature, hidden)
+        metrics, total = {"objective": loss.detach()}, loss
+        if self.train_meta:
+            final_top1 = deep_logits.detach().argmax(-1)
+            m_loss = torch.stack([meta_loss(heads.meta[str(k)].logit(exit_hidden[k].detach()),
+                                            exit_logits[k].detach().argmax(-1) == final_top1)
+                                  for k in heads.exit_layers]).mean()
+            total = total + m_loss
+            metrics["meta_loss"] = m_loss.detach()
+        return total, metrics
 
 
 def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: float = 1e-3,
                      batch_tokens: int = 256, objective: str | None = None, alpha: float = 0.5, kd: str = "kl",
                      temperature: float = 1.0, train_meta: bool = True, weight_decay: float = 0.0, seed: int = 0,
                      progress: bool = True, full_finetune: bool = False,
-                     checkpoint: str | Path | None = None) -> TrainHistory:
+                     checkpoint: str | Path | None = None, resume: bool = False, checkpoint_every: int = 0,
+                     precision: str = "fp32", accelerator=None, command: str | None = None,
+                     run_config: dict | None = None) -> TrainHistory:
     """Train ``heads`` (adapters + meta classifiers) with AdamW; returns the per-step losses.
 
     ``data``: an :class:`ExitCache`, or token ids (``[T]``, ``[B, T]`` or an iterable of ``[B, T]`` blocks,
@@ -324,7 +340,9 @@ def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: flo
     ``full_finetune=True`` trains the whole model and the heads on ``data`` token blocks (one block
     per step, cycling), where ``kd="mse"`` is FREE's reference KD. Meta classifiers learn the label
     "this exit's top-1 equals the full model's top-1". ``checkpoint``: a directory to save the heads
-    to (and the model, under ``model/``, when fine-tuned).
+    to (and the model, under ``model/``, when fine-tuned), with the loop's log (``train.json``) and,
+    every ``checkpoint_every`` steps, a resumable state (``resume=True`` continues it). The steps run
+    in :func:`mor_lab.train.loop.fit` (constant lr, no clipping: the heads' recipe).
     """
     heads.check(model)
     objective = objective or ("free" if len(heads.exit_layers) == 1 else "calm")
@@ -343,55 +361,31 @@ def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: flo
         params += [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: adapter='none' with train_meta=False and a frozen backbone")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    history, start = TrainHistory(), time.perf_counter()
-    num_layers = model.num_steps
 
     if full_finetune:
-        blocks = _repeat_blocks(data)
-        freeze = contextlib.nullcontext()
+        cache, batches, freeze = None, Cycle(_blocks(data), what="train_exit_heads"), contextlib.nullcontext()
     else:
         cache = data if isinstance(data, ExitCache) else cache_exit_states(model, data, heads.exit_layers, progress)
         missing = set(heads.exit_layers) - set(cache.exits)
         if missing:
             raise ValueError(f"the cache has no hidden states for exits {sorted(missing)}")
-        rows = _token_batches(cache.num_tokens, batch_tokens, generator)
-        freeze = _frozen(model)
-
-    from tqdm.auto import trange
-    bar = trange(steps, desc="training exit heads", disable=not progress)
+        batches, freeze = RowStream(cache.num_tokens, batch_tokens, seed), only_training(model)
+    trainer = _ExitObjective(model, heads, cache, objective, alpha, kd, temperature, train_meta, full_finetune)
+    config = LoopConfig(steps=steps, seed=seed, precision=precision, checkpoint_every=checkpoint_every,
+                        optim=OptimConfig(lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, warmup=0.0,
+                                          decay=0.0, max_grad_norm=None))
+    run = {"heads": heads.config.to_dict(), "objective": objective, "alpha": alpha, "kd": kd,
+           "temperature": temperature, "train_meta": train_meta, "full_finetune": full_finetune,
+           "batch_tokens": batch_tokens, "tokens": cache.num_tokens if cache is not None else None,
+           **(run_config or {})}
     with freeze:
-        for _ in bar:
-            if full_finetune:
-                ids = next(blocks).to(model.device)
-                targets = next_token_targets(ids)
-                deep_logits, hidden = model(ids, return_hidden=True)
-                exit_hidden = {k: hidden[k] for k in heads.exit_layers}
-            else:
-                idx = next(rows).to(cache.final.device)
-                targets, hidden = cache.targets[idx].to(model.device), None
-                with torch.no_grad():
-                    deep_logits = model.head(cache.final[idx].to(model.device))
-                exit_hidden = {k: cache.exits[k][idx].to(model.device) for k in heads.exit_layers}
-            exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
-            loss = exit_objective(objective, exit_logits, deep_logits, targets, num_layers, alpha, kd,
-                                  temperature, hidden)
-            total = loss
-            if train_meta:
-                final_top1 = deep_logits.detach().argmax(-1)
-                m_loss = torch.stack([meta_loss(heads.meta[str(k)].logit(exit_hidden[k].detach()),
-                                                exit_logits[k].detach().argmax(-1) == final_top1)
-                                      for k in heads.exit_layers]).mean()
-                total = total + m_loss
-                history.meta_loss.append(m_loss.item())
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            history.loss.append(loss.item())
-            bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
-    history.seconds = time.perf_counter() - start
-    if checkpoint is not None:
+        log = fit(trainer, params, batches, lambda module, batch, step: module(batch), config,
+                  out=checkpoint, resume=resume, name="training exit heads", run_config=run, command=command,
+                  log_name="train.json", progress=progress,
+                  accelerator=accelerator or make_accelerator(model.device))
+    history = TrainHistory(loss=list(log.metrics["objective"]), meta_loss=list(log.metrics.get("meta_loss", [])),
+                           seconds=log.total_seconds, log=log)
+    if checkpoint is not None and (accelerator is None or accelerator.is_main_process):
         heads.save(checkpoint)
         if full_finetune:
             model.save(Path(checkpoint) / "model")

@@ -170,8 +170,12 @@ def load_pretrained(name: str | os.PathLike | None = None, *, dtype=torch.float3
                     with_tokenizer: bool = True):
     """(model, tokenizer) for the offline default, a local directory, or a hub id (online).
 
-    A directory saved by ``Decoder.save`` (``mor_lab_config.json``) loads as a mor_lab model.
+    A directory saved by ``Decoder.save`` (``mor_lab_config.json``) loads as a mor_lab model;
+    ``"lab:<name>[@seedK]"`` loads one of the lab's committed models (:mod:`mor_lab.checkpoints`).
     """
+    if isinstance(name, str) and name.startswith("lab:"):
+        from ..checkpoints import load_lab
+        return load_lab(name[4:], dtype=dtype, device=device, with_tokenizer=with_tokenizer)
     source = resolve(name)
     if isinstance(source, Path) and (source / "mor_lab_config.json").exists():
         model = Decoder.load(source, device=device).to(dtype)

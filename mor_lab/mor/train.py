@@ -4,15 +4,14 @@ A small byte-level BPE tokenizer trained on the offline corpus (``train_bpe``), 
 (AdamW (0.9, 0.95), weight decay 0.1, warmup-stable-decay learning rate), and FLOPs accounting from
 the routing each step actually took (``MoRModel.forward_flops``; backward = 2 x forward). A budget
 in FLOPs turns into a number of steps per model: a cheaper model (MoR skips loops for most tokens)
-sees more tokens for the same compute, which is the paper's comparison. The same code trains
-SmolLM-sized configs on a GPU.
+sees more tokens for the same compute, which is the paper's comparison. The steps run in the lab's
+one training loop (:func:`mor_lab.train.loop.fit`: checkpoints that resume, a JSON log, accelerate),
+so the same code trains SmolLM-sized configs data-parallel on GPUs.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,23 +19,12 @@ import torch
 
 from ..train.data import TokenBatches
 from ..train.losses import next_token_targets
+from ..train.loop import PRECISIONS, LoopConfig, OptimConfig, TokenStream, TrainLog, fit, wsd
+from ..train.tokenizer import SPECIAL_TOKEN, train_bpe
 from .model import MoRConfig, MoRModel, decode_routing
 
-SPECIAL_TOKEN = "<|endoftext|>"
-
-
-def train_bpe(text: str, vocab_size: int = 2048):
-    """A byte-level BPE tokenizer trained on ``text`` (seconds for ~1 MB), as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[SPECIAL_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((text[i:i + 10_000] for i in range(0, len(text), 10_000)), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL_TOKEN)
+__all__ = ["SPECIAL_TOKEN", "TrainConfig", "TrainResult", "compare", "evaluate", "summary", "train", "train_bpe",
+           "wsd"]
 
 
 @dataclass
@@ -56,6 +44,9 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 0  # steps between validation losses (0: only at the end)
     eval_batches: int = 4
+    precision: str = "fp32"  # fp32 | bf16 autocast (slower than fp32 on CPUs without bf16 matmul units)
+    log_every: int = 1  # steps per logged point
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: none)
 
     def __post_init__(self):
         if (self.flops is None) == (self.steps is None):
@@ -65,13 +56,13 @@ class TrainConfig:
         for name in ("batch_size", "seq_len") + (("steps",) if self.steps is not None else ()):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("warmup", "decay", "min_lr"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.warmup + self.decay > 1:
-            raise ValueError("TrainConfig.warmup + decay must be <= 1")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.optim()  # validates lr, warmup, decay, min_lr, betas, weight_decay, max_grad_norm
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, betas=self.betas, weight_decay=self.weight_decay, warmup=self.warmup,
+                           decay=self.decay, min_lr=self.min_lr, max_grad_norm=self.max_grad_norm)
 
     def steps_for(self, model: MoRModel) -> int:
         if self.steps is not None:
@@ -79,15 +70,10 @@ class TrainConfig:
         per_step = model.train_flops_per_token(self.seq_len) * self.batch_size * self.seq_len
         return max(1, math.floor(self.flops / per_step))
 
-
-def wsd(step: int, total: int, config: TrainConfig) -> float:
-    """Warmup-stable-decay learning-rate multiplier at ``step`` of ``total``."""
-    warm, decay = max(1, round(config.warmup * total)), round(config.decay * total)
-    if step < warm:
-        return (step + 1) / warm
-    if step >= total - decay:
-        return 1 - (1 - config.min_lr) * (step - (total - decay) + 1) / max(1, decay)
-    return 1.0
+    def loop(self, model: MoRModel) -> LoopConfig:
+        return LoopConfig(steps=self.steps_for(model), optim=self.optim(), seed=self.seed, precision=self.precision,
+                          log_every=self.log_every, eval_every=self.eval_every,
+                          checkpoint_every=self.checkpoint_every)
 
 
 @dataclass
@@ -95,31 +81,32 @@ class TrainResult:
     name: str
     steps: int = 0
     tokens: int = 0
-    losses: list[float] = field(default_factory=list)  # LM loss per step
-    flops: list[float] = field(default_factory=list)  # cumulative training FLOPs after each step
-    aux: list[dict] = field(default_factory=list)  # auxiliary losses per step
-    mean_loops: list[float] = field(default_factory=list)  # routing per step
+    losses: list[float] = field(default_factory=list)  # LM loss per logged point (per step by default)
+    flops: list[float] = field(default_factory=list)  # cumulative training FLOPs at each point
+    aux: list[dict] = field(default_factory=list)  # auxiliary losses per point
+    mean_loops: list[float] = field(default_factory=list)  # routing per point
     val: list[tuple[float, float]] = field(default_factory=list)  # (FLOPs, validation loss)
     val_loss: float | None = None  # at the end, training-time routing (top-k for expert-choice)
     val_loss_causal: float | None = None  # at the end, decode-time (causal) routing
     seconds: float = 0.0
     checkpoint: str | None = None
+    log: TrainLog | None = None  # the loop's full log (machine, lr, tokens, seconds per point)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(dataclasses.replace(self, log=None))
+        out.pop("log")
+        return out
 
-
-def _blocks(tokens: torch.Tensor, config: TrainConfig):
-    batches = TokenBatches(tokens, config.batch_size, config.seq_len, seed=config.seed)
-    while True:
-        yield from batches
-
-
-def _optimizer(model: MoRModel, config: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    rest = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=config.betas)
+    @classmethod
+    def from_log(cls, name: str, log: TrainLog) -> "TrainResult":
+        aux_keys = [k for k in log.metrics if k.startswith("router_")]
+        final = log.final_eval()
+        return cls(name, steps=log.steps_done, tokens=log.total_tokens, losses=list(log.metrics.get("lm_loss", [])),
+                   flops=list(log.flops), aux=[{k: log.metrics[k][i] for k in aux_keys} for i in range(len(log.step))],
+                   mean_loops=list(log.metrics.get("mean_loops", [])),
+                   val=[(e["flops"], e["val_loss"]) for e in log.evals if "val_loss" in e],
+                   val_loss=final.get("val_loss"), val_loss_causal=final.get("val_loss_causal"),
+                   seconds=log.total_seconds, log=log)
 
 
 @torch.no_grad()
@@ -143,54 +130,72 @@ def evaluate(model: MoRModel, tokens: torch.Tensor, batch_size: int = 8, seq_len
     return total / count
 
 
+def check_fits(model: MoRModel, seq_len: int) -> None:
+    """A batch must fit the model's positions: rotary tables and decode caches are sized by them."""
+    limit = model.config.max_position_embeddings
+    if seq_len > limit:
+        raise ValueError(f"seq_len {seq_len} does not fit the model's max_position_embeddings {limit}: "
+                         f"use a shorter seq_len or a model config with more positions")
+
+
 def train(model: MoRModel, train_tokens: torch.Tensor, config: TrainConfig, val_tokens: torch.Tensor | None = None,
-          *, name: str = "model", progress: bool = True, checkpoint: str | Path | None = None) -> TrainResult:
-    """Train ``model`` on ``train_tokens`` for ``config.steps_for(model)`` steps; loss and FLOPs per step."""
-    total = config.steps_for(model)
-    optimizer = _optimizer(model, config)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: wsd(s, total, config))
-    blocks, result, start = _blocks(train_tokens, config), TrainResult(name), time.perf_counter()
-    flops = 0.0
-    model.train()
-    from tqdm.auto import trange
-    bar = trange(total, desc=name, disable=not progress)
-    for step in bar:
-        ids = next(blocks).to(model.device)
-        out = model(ids, next_token_targets(ids), step=step)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        schedule.step()
+          *, name: str = "model", progress: bool = True, checkpoint: str | Path | None = None, resume: bool = False,
+          accelerator=None, command: str | None = None, run_config: dict | None = None) -> TrainResult:
+    """Train ``model`` on ``train_tokens`` for ``config.steps_for(model)`` steps; loss and FLOPs per step.
+
+    ``checkpoint``: a directory for the final model (``MoRModel.save``) and ``train.json`` (the loop's
+    log, ``result``: this function's ``TrainResult``), and the resumable state when
+    ``config.checkpoint_every`` is set (``resume=True`` continues it). Runs under ``accelerate``."""
+    check_fits(model, config.seq_len)
+    loop = config.loop(model)
+    n_r = model.num_recursions
+
+    def loss_fn(module, ids, step):
+        if ids.shape[1] != config.seq_len:
+            raise ValueError(f"a batch of length {ids.shape[1]} does not fit seq_len {config.seq_len}")
+        out = module(ids, next_token_targets(ids), step=step)
         loops = out.routing.loops if out.routing is not None else None
-        if model.kind == "token":
-            model.router.update_bias(loops - 1)
-        flops += 3 * model.forward_flops(loops, ids.shape[1], ids.shape[0])
-        result.losses.append(out.lm_loss.item())
-        result.flops.append(flops)
-        result.aux.append({k: v.item() for k, v in out.aux.items()})
-        result.mean_loops.append(float(loops.float().mean()) if loops is not None else 1.0)
-        result.tokens += ids.numel()
-        if val_tokens is not None and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
-            result.val.append((flops, evaluate(model, val_tokens, config.batch_size, config.seq_len,
-                                               config.eval_batches)))
-        bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
-    result.steps, result.seconds = total, time.perf_counter() - start
-    model.eval()
-    if val_tokens is not None:
-        result.val_loss = evaluate(model, val_tokens, config.batch_size, config.seq_len, config.eval_batches)
-        result.val.append((flops, result.val_loss))
-        if model.kind in ("expert", "token"):
-            result.val_loss_causal = evaluate(model, val_tokens, config.batch_size, config.seq_len,
+        metrics = {"lm_loss": out.lm_loss.detach(), **{k: v.detach() for k, v in out.aux.items()},
+                   "mean_loops": loops.float().mean() if loops is not None else torch.tensor(1.0),
+                   "flops": 3 * model.forward_flops(loops, ids.shape[1], ids.shape[0])}
+        if model.kind == "token":  # the global load, for loss-free balancing after the step
+            metrics["depth_fraction"] = torch.bincount((loops - 1).reshape(-1), minlength=n_r).float() / loops.numel()
+        return out.loss, metrics
+
+    def after_step(module, step, metrics):
+        if module.kind == "token":  # a depth tensor with the global batch's load (processes averaged)
+            counts = (metrics["depth_fraction"].cpu() * config.batch_size * config.seq_len).round().long()
+            module.router.update_bias(torch.repeat_interleave(torch.arange(n_r), counts).to(module.device))
+
+    def run_eval(module, final):
+        if val_tokens is None:
+            return {}
+        out = {"val_loss": evaluate(module, val_tokens, config.batch_size, config.seq_len, config.eval_batches)}
+        if final and module.kind in ("expert", "token"):
+            out["val_loss_causal"] = evaluate(module, val_tokens, config.batch_size, config.seq_len,
                                               config.eval_batches, causal=True)
+        return out
+
+    run = {"train": dataclasses.asdict(config), "model": model.mor.to_dict(), **(run_config or {})}
+    log = fit(model, list(model.parameters()), TokenStream(train_tokens, config.batch_size, config.seq_len,
+                                                           config.seed),
+              loss_fn, loop, evaluate=run_eval, after_step=after_step, out=checkpoint, resume=resume, name=name,
+              run_config=run, command=command, log_name="train.json", progress=progress, accelerator=accelerator)
+    model.eval()
+    result = TrainResult.from_log(name, log)
     if checkpoint is not None:
         directory = Path(checkpoint)
-        model.save(directory)
-        (directory / "train.json").write_text(json.dumps({"config": dataclasses.asdict(config),
-                                                          "result": result.to_dict()}, indent=2))
+        if _is_main(accelerator):
+            model.save(directory)
         result.checkpoint = str(directory)
+        log.result = result.to_dict()
+        if _is_main(accelerator):
+            log.save(directory / "train.json")
     return result
+
+
+def _is_main(accelerator) -> bool:
+    return accelerator is None or accelerator.is_main_process
 
 
 def compare(configs: dict[str, MoRConfig], train_tokens: torch.Tensor, val_tokens: torch.Tensor | None,

@@ -8,19 +8,17 @@ does. Embeddings and the LM head stay frozen. The same code runs on a GPU.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from ..models.config import DictConfig
 from ..models.decoder import Decoder
-from ..train.data import TokenBatches
+from ..train.loop import (PRECISIONS, Cycle, LoopConfig, OptimConfig, TokenStream, TrainLog, decoder_forward_flops,
+                          fit)
 from ..train.losses import kl_distill
 
 
@@ -36,6 +34,11 @@ class UptrainConfig(DictConfig):
     train_shared: bool = False  # also the physical layers and per-step norms (not just the LoRA)
     max_grad_norm: float | None = 1.0  # None: no clipping
     seed: int = 0  # the order of the token blocks
+    warmup: float = 0.0  # fractions of the steps: linear warm-up, final decay (0, 0: a constant lr)
+    decay: float = 0.0
+    precision: str = "fp32"  # fp32 | bf16 autocast
+    checkpoint_every: int = 0  # steps between resumable checkpoints (0: none)
+    log_every: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -52,14 +55,23 @@ class UptrainConfig(DictConfig):
             raise ValueError(f"UptrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"UptrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"UptrainConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        self.loop()  # validates the schedule
 
+    def loop(self) -> LoopConfig:
+        optim = OptimConfig(lr=self.lr, betas=(0.9, 0.999), weight_decay=self.weight_decay, warmup=self.warmup,
+                            decay=self.decay, max_grad_norm=self.max_grad_norm)
+        return LoopConfig(steps=self.steps, optim=optim, seed=self.seed, precision=self.precision,
+                          checkpoint_every=self.checkpoint_every, log_every=self.log_every)
 
 
 @dataclass
 class UptrainResult:
-    losses: list[float] = field(default_factory=list)  # the KL of every step
+    losses: list[float] = field(default_factory=list)  # the KL of every step (of every logged point)
     seconds: float = 0.0
     checkpoint: str | None = None  # where the student was saved (Decoder.save), if anywhere
+    log: TrainLog | None = None  # the loop's full log
 
 
 def trainable_parameters(model: Decoder, train_shared: bool = False) -> list[torch.nn.Parameter]:
@@ -71,79 +83,58 @@ def trainable_parameters(model: Decoder, train_shared: bool = False) -> list[tor
     return params
 
 
-@contextlib.contextmanager
-def _only_training(model: torch.nn.Module, params: list[torch.nn.Parameter]):
-    """Freeze everything but ``params`` for the duration, then restore each ``requires_grad``."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _blocks(data, config: UptrainConfig) -> Iterator[torch.Tensor]:
-    """``[B, T]`` blocks forever: token ids are cut into seeded ``TokenBatches``; an iterable of blocks is cycled."""
+def _blocks(data, config: UptrainConfig):
+    """A resumable stream of ``[B, T]`` blocks: token ids are cut into a seeded ``TokenStream``; a
+    ``[B, T]`` block or an iterable of blocks is cycled."""
     if isinstance(data, torch.Tensor) and data.dim() <= 1:
-        data = TokenBatches(data, config.batch_size, config.seq_len, seed=config.seed)
-    while True:
-        empty = True
-        for block in ([data] if isinstance(data, torch.Tensor) else data):
-            empty = False
-            yield block
-        if empty:
-            raise ValueError("uptrain got no token blocks (an exhausted iterator?)")
+        return TokenStream(data, config.batch_size, config.seq_len, seed=config.seed)
+    return Cycle([data] if isinstance(data, torch.Tensor) else data, what="uptrain")
 
 
-def _logits(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids.to(model.device))
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids.to(next(model.parameters()).device))
+    return out.logits if hasattr(out, "logits") else out  # a MoRModel returns its output record
 
 
 def uptrain(student: Decoder, teacher: Decoder, data: torch.Tensor | Iterable[torch.Tensor],
             config: UptrainConfig | None = None, *, progress: bool = True, checkpoint: str | Path | None = None,
-            **overrides) -> UptrainResult:
+            resume: bool = False, accelerator=None, command: str | None = None, run_config: dict | None = None,
+            log_name: str = "uptrain.json", **overrides) -> UptrainResult:
     """Distil ``teacher`` into ``student`` with AdamW for ``config.steps`` steps; returns the loss history.
 
     ``data``: 1-D token ids (cut into ``batch_size x seq_len`` blocks, order seeded by ``config.seed``),
     a ``[B, T]`` block, or an iterable of ``[B, T]`` blocks (cycled). ``checkpoint``: a directory to
-    save the student to (safetensors via ``Decoder.save``, plus ``uptrain.json`` with config and losses).
+    save the student to (safetensors via ``Decoder.save``, plus ``log_name``: the loop's log), and
+    the resumable state when ``config.checkpoint_every`` is set (``resume=True`` continues it).
     """
     config = dataclasses.replace(config, **overrides) if config else UptrainConfig(**overrides)
     params = trainable_parameters(student, config.train_shared)
     if not params:
         raise ValueError("nothing to train: the student has no LoRA (call relax first) and train_shared=False")
-    blocks = _blocks(data, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    result, start = UptrainResult(), time.perf_counter()
     teacher_was_training = teacher.training
     teacher.eval()
 
-    from tqdm.auto import trange
-    bar = trange(config.steps, desc="uptraining", disable=not progress)
-    with _only_training(student, params):
-        for _ in bar:
-            ids = next(blocks)
-            with torch.no_grad():
-                target = _logits(teacher, ids).to(student.device)
-            loss = kl_distill(_logits(student, ids), target, config.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            result.losses.append(loss.item())
-            bar.set_postfix(kl=f"{result.losses[-1]:.4f}")
+    def loss_fn(module, ids, step):
+        with torch.no_grad():
+            target = _logits(teacher, ids).to(ids.device)
+        loss = kl_distill(_logits(module, ids), target, config.temperature)
+        B, T = ids.shape
+        flops = decoder_forward_flops(teacher, B, T) + 2 * decoder_forward_flops(student, B, T)
+        return loss, {"flops": flops}
+
+    run = {"uptrain": config.to_dict(), "student_plan": list(student.plan), **(run_config or {})}
+    log = fit(student, params, _blocks(data, config), loss_fn, config.loop(), out=checkpoint, resume=resume,
+              name="uptraining", run_config=run, command=command, log_name=log_name, progress=progress,
+              accelerator=accelerator)
     teacher.train(teacher_was_training)
-    result.seconds = time.perf_counter() - start
+    result = UptrainResult(losses=list(log.loss), seconds=log.total_seconds, log=log)
     if checkpoint is not None:
         directory = Path(checkpoint)
-        student.save(directory)
-        (directory / "uptrain.json").write_text(json.dumps(
-            {"config": config.to_dict(), "losses": result.losses, "seconds": result.seconds}, indent=2))
         result.checkpoint = str(directory)
+        log.result = {"losses": result.losses, "seconds": result.seconds}
+        if accelerator is None or accelerator.is_main_process:
+            student.save(directory)
+            log.save(directory / log_name)
     return result
 
 
