@@ -54,7 +54,8 @@ def test_bench_cdb_reports_every_method_with_loops_utilization_and_the_cost_mode
     report = json.loads(out.read_text())
     rows = {r["method"]: r for r in report["results"]}
     assert set(rows) == {"original", "recursive_full", "recursive_static_exit", "recursive_cdb", "recursive_cdb_cost",
-                         "recursive_static_exit_conf", "recursive_cdb_conf"}
+                         "recursive_full_2x_slots", "recursive_static_exit_conf", "recursive_cdb_conf"}
+    assert rows["recursive_cdb_cost"]["speedup_vs_full_same_kv_memory"] > 0
     assert report["structure"] == {"prelude": 1, "block": 1, "loops": 4, "coda": 1, "strategy": "MIDDLE_CYCLE",
                                    "init": "lower (not uptrained)"}
     assert rows["recursive_full"]["mean_loops"] == 4

@@ -103,3 +103,25 @@ def test_bad_engine_arguments_name_the_fix(model):
         mor_lab.generate_ids(model, PROMPTS, 2, head_rule="cost")
     with pytest.raises(ValueError, match="in_flight"):
         cdb(model, PROMPTS, 2, 4, FixedLoops([1.0, 0, 0]), in_flight=2)
+
+
+def test_skipped_loops_get_the_kv_of_the_exited_state(model):
+    """State propagation into the loops a token skipped: one projection per shared layer, written to each
+    skipped step of that layer (the loops of a tied block compute identical K/V)."""
+    import torch
+
+    from mor_lab.engine.scheduler import Scheduler
+    engine = Scheduler(model, LoopExit(FixedLoops([1.0, 0.0, 0.0])), eos_token_ids=[])
+    prompt = [1, 2, 3, 4]
+    ids, trace = engine.run([prompt], 2)  # token 0 from the prefill; token 0 fed back exits after loop 1
+    assert trace.tokens[0][1].steps == STRUCTURE.steps_for(1)
+    with torch.no_grad():
+        _, hidden = model(torch.tensor([prompt + ids[0][:1]]), return_hidden=True)
+        h = hidden[STRUCTURE.prelude + STRUCTURE.block][0, len(prompt):]  # its state after loop 1
+        rope = model.rope(torch.tensor([len(prompt)]))
+        for step in STRUCTURE.skipped_steps(1):
+            layer = model.layers[model.plan[step]]
+            k, v = layer.self_attn.project_kv(layer.input_layernorm(h), rope)
+            page = engine.cache.pages(step)
+            assert torch.allclose(engine.cache.k[page][0, :, len(prompt)], k[0], atol=1e-5), step
+            assert torch.allclose(engine.cache.v[page][0, :, len(prompt)], v[0], atol=1e-5), step

@@ -116,7 +116,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 3
     return {"suite": "generate", "model": str(model_name or "SmolLM2-135M-Instruct (offline)"),
             "quick": quick, "max_new_tokens": max_new_tokens, "dtype": str(torch_dtype).replace("torch.", ""),
             "repeats": repeats, "environment": environment(device), "results": results,
-            "cost_model": {"calibration_s": round(cost.seconds, 2), "transposed_min_rows": cost.transposed_min_rows,
-                           "head_transposed_min_rows": cost.head_transposed_min_rows},
+            "cost_model": {"calibration_s": round(cost.seconds, 2), "layouts": cost.layouts,
+                           "head_layouts": cost.head_layouts},
             "roofline": {**peaks, "weight_bytes_per_step": results[0]["roofline"]["bytes_per_step"],
                          "note": "limit = min(matmul_gflops / flops_per_token, bandwidth * batch / bytes_per_step)"}}

@@ -119,14 +119,15 @@ class CostModel:
     layer_s: list[float]  # one layer pass over n tokens (decode shape, ``ref_keys`` keys each)
     head_s: list[float]  # final norm + LM head + sampling over n rows
     test_s: list[float]  # an exit test over n rows (head + softmax + top-2)
-    propagate_s: list[float]  # a state-propagation pass over n rows (norm + K/V projections)
+    propagate_s: list[float]  # a state-propagation call over n rows (norm + K/V projections + writes)
     key_s: float  # attention, per token and key beyond ``ref_keys``
     ref_keys: int
     small_s: float  # a router or classifier pass (d -> 1)
     overhead_s: float = 0.0  # engine bookkeeping per pass, fitted on a real run
+    propagate_layers: int = 1  # the layers one calibrated propagation call projected
     num_steps: int = 0
-    transposed_min_rows: int | None = None  # the matmul layouts measured fastest (decoder.FastPaths)
-    head_transposed_min_rows: int | None = None
+    layouts: list = field(default_factory=list)  # the matmul layouts measured fastest: ((min_rows, layout), ...)
+    head_layouts: list = field(default_factory=list)  # the same for the LM head (decoder.FastPaths)
     seconds: float = 0.0  # how long the calibration took
     notes: dict = field(default_factory=dict)
 
@@ -141,8 +142,10 @@ class CostModel:
     def test(self, rows: int) -> float:
         return _interp(self.rows, self.test_s, rows)
 
-    def propagate(self, rows: int) -> float:
-        return _interp(self.rows, self.propagate_s, rows)
+    def propagate(self, rows: int, layers: int | None = None) -> float:
+        """A propagation call over ``rows`` tokens projecting ``layers`` layers (default: as calibrated)."""
+        scale = 1.0 if layers is None else max(1, layers) / self.propagate_layers
+        return _interp(self.rows, self.propagate_s, rows) * scale
 
     def price(self, kind: str, rows: int, tokens: int, keys: int = 0) -> float:
         if kind in ("layer", "prefill"):
@@ -152,7 +155,7 @@ class CostModel:
         if kind == "test":
             return self.test(rows)
         if kind == "propagate":
-            return self.propagate(rows)
+            return self.propagate(rows, keys or None)
         return self.small_s  # router, classifier
 
     # -- a run ---------------------------------------------------------------------------------
@@ -185,10 +188,13 @@ class CostModel:
             prompt_steps += p.prefill
         t = prompt_steps * self.layer_s[-1] / self.rows[-1]
         passes = prompt_steps / self.rows[-1]
+        calls = {kind: sum(1 for p in trace.passes if p.kind == kind) for kind in totals}
         for kind, (tokens, keys) in totals.items():
             full = tokens / B
             if kind == "layer":
                 t += full * self.layer(B) + max(0.0, keys - (tokens + prompt_steps) * self.ref_keys) * self.key_s
+            elif kind == "propagate":  # the layers per call as the run had them
+                t += full * self.propagate(B, round(keys / max(1, calls[kind])))
             else:
                 t += full * self.price(kind, B, B)
             passes += full
@@ -231,15 +237,15 @@ class CostModel:
         from ..models.decoder import fast_paths
         start = time.perf_counter()
         device = model.device
-        layouts = measure_layouts(model, reps) if fast else (None, None)
         rows = [n for n in CALIBRATION_ROWS if n <= max(max_rows, 4)]
         if rows[-1] < max_rows:
             rows.append(max_rows)
-        settings = dict(transposed_min_rows=layouts[0], head_transposed_min_rows=layouts[1]) if fast else None
+        layouts = measure_layouts(model, reps, max_rows=rows[-1]) if fast else ((), ())
+        settings = dict(layouts=layouts[0], head_layouts=layouts[1]) if fast else None
         context = fast_paths(**settings) if fast else _Null()
         with torch.inference_mode(), context:
             layer_s, head_s, test_s, prop_s = [], [], [], []
-            ref_keys = 32
+            ref_keys = min(32, model.config.max_position_embeddings // 4)
             scratch = _Scratch(model, max(rows), ref_keys)
             for n in rows:
                 layer_s.append(_best_time(lambda: scratch.layers(n), reps, device) / scratch.count)
@@ -247,7 +253,7 @@ class CostModel:
                 test_s.append(_best_time(lambda: scratch.test(n), reps, device))
                 prop_s.append(_best_time(lambda: scratch.propagate(n), reps, device))
             del scratch
-            long_keys = 512
+            long_keys = min(512, model.config.max_position_embeddings)
             long = _Scratch(model, 8, long_keys)
             t_long = _best_time(lambda: long.layers(8), reps, device) / long.count
             short = _interp(rows, layer_s, 8)
@@ -262,7 +268,8 @@ class CostModel:
         cost = cls(device=str(device), dtype=str(model.dtype).replace("torch.", ""), threads=torch.get_num_threads(),
                    rows=rows, layer_s=layer_s, head_s=head_s, test_s=test_s, propagate_s=prop_s, key_s=key_s,
                    ref_keys=ref_keys, small_s=small_s, num_steps=model.num_steps,
-                   transposed_min_rows=layouts[0], head_transposed_min_rows=layouts[1])
+                   propagate_layers=len({model.plan[s] for s in propagation_steps(model)}),
+                   layouts=[list(x) for x in layouts[0]], head_layouts=[list(x) for x in layouts[1]])
         if fit_overhead:
             cost.overhead_s = _fit_overhead(model, cost, exact=not fast)
         cost.seconds = time.perf_counter() - start
@@ -275,56 +282,113 @@ def _bookkept(trace) -> int:
 
 
 def _fit_overhead(model, cost: CostModel, exact: bool) -> float:
-    """The engine's per-event bookkeeping: a short real run, its measured time minus its priced passes."""
+    """The engine's per-event bookkeeping (Python, packing tokens, building chunks, sampling): a short real
+    run shaped like a benchmark's (a recursive model: continuous depth-wise batching with exits; else static
+    full depth), its measured time minus its priced passes, per engine step and head call."""
+    from .plan import LoopStructure
+    from .policies import FixedLoops, LoopExit
     from .scheduler import Scheduler
-    prompts = [[(7 * i + j) % model.config.vocab_size for j in range(4 + i)] for i in range(4)]
-    engine = Scheduler(model, slots=4, eos_token_ids=[], exact=exact, cost=cost)
-    engine.run(prompts[:2], 2)  # warm-up
+    st = LoopStructure.of(model)
+    slots = 8
+    prompts = [[(7 * i + j) % model.config.vocab_size for j in range(4 + i % 5)] for i in range(2 * slots)]
+    if st is not None:
+        probs = [1.0 / st.loops] * st.loops
+        make = lambda: Scheduler(model, LoopExit(FixedLoops(probs)), slots=slots, mode="continuous",  # noqa: E731
+                                 eos_token_ids=[], exact=exact, cost=cost)
+    else:
+        make = lambda: Scheduler(model, slots=slots, eos_token_ids=[], exact=exact, cost=cost)  # noqa: E731
+    make().run(prompts[:2], 2)  # warm-up
     best = None
-    for _ in range(3):
-        _, trace = engine.run(prompts, 6)
+    for _ in range(3):  # the first run also pays one-time costs (a matmul library's plans per shape): the min
+        _, trace = make().run(prompts, 8)
         work = sum(cost.price(p.kind, p.rows, p.tokens, p.keys) for p in trace.passes)
         residual = (trace.seconds - work) / max(1, _bookkept(trace))
         best = residual if best is None else min(best, residual)
     return max(0.0, best)
 
 
-def measure_layouts(model, reps: int = 3) -> tuple[int | None, int | None]:
-    """From how many rows ``(W @ x^T)^T`` beats ``x @ W^T`` on this device, for a layer's largest
-    projection and for the LM head (None: never, up to 32 rows). Measured, never assumed: which is
-    faster depends on the BLAS and the CPU."""
+def measure_layouts(model, reps: int = 3, max_rows: int = 64) -> tuple[tuple, tuple]:
+    """The fastest way to compute ``x @ W^T`` here for each row count up to ``max_rows``, for a layer's
+    projections and for the LM head: ``((min_rows, layout), ...)`` tables for ``decoder.fast_paths``.
+
+    Candidates (``decoder.LAYOUTS``): ``F.linear``; ``(W @ x^T)^T``; oneDNN-prepacked weights (when this
+    PyTorch can prepack and there is memory for one more copy of the weights). Measured, never assumed:
+    which wins depends on the BLAS, the CPU and the rows."""
+    from ..models.decoder import fast_paths, linear, packed_weight, packing_available
     device, dtype = model.device, model.dtype
-    layer = model.layers[len(model.layers) // 2]
-    weights = {"layer": [l.mlp.up_proj.weight for l in model.layers[:8]], "head": [model.lm_head.weight]}
-    out = []
+    candidates = ["linear", "transposed"]
+    if device.type == "cpu" and packing_available() and memory_allows_copy(weight_bytes(model)):
+        candidates.append("packed")
+    samples = {"layer": [l.mlp.up_proj.weight for l in model.layers[:8]], "head": [model.lm_head.weight]}
+    sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if n <= max(max_rows, 4)]
+    tables = []
     with torch.inference_mode():
         for name in ("layer", "head"):
-            found = None
-            for n in (2, 3, 4, 8, 16, 32):
-                x = torch.randn(n, layer.mlp.up_proj.in_features, device=device, dtype=dtype)
-                plain = _best_time(lambda: [torch.nn.functional.linear(x, w) for w in weights[name]], reps, device)
-                flipped = _best_time(lambda: [torch.mm(w, x.T).T.contiguous() for w in weights[name]], reps, device)
-                if flipped < 0.95 * plain:
-                    found = n
-                    break
-            out.append(found)
-    return out[0], out[1]
+            best = []
+            for n in sizes:
+                x = torch.randn(n, samples[name][0].shape[1], device=device, dtype=dtype)
+                times = {}
+                for layout in candidates:
+                    table = ((1, layout),)
+                    with fast_paths(layouts=table, head_layouts=table):
+                        if layout == "packed":
+                            for w in samples[name]:
+                                packed_weight(w)
+                        times[layout] = _best_time(lambda: [linear(x, w) for w in samples[name]], reps, device)
+                best.append([n, times])
+            choice = [min(times, key=times.get) for _, times in best]
+            for i in range(1, len(choice) - 1):  # one row count out of line with both neighbours: noise
+                if choice[i - 1] == choice[i + 1] != choice[i] and \
+                        best[i][1][choice[i - 1]] < 1.05 * best[i][1][choice[i]]:
+                    choice[i] = choice[i - 1]
+            table = []
+            for (n, _), layout in zip(best, choice):  # keep only the row counts where the choice changes
+                if not table or table[-1][1] != layout:
+                    table.append((n, layout))
+            tables.append(tuple(table))
+    return tables[0], tables[1]
+
+
+def memory_allows_copy(nbytes: int) -> bool:
+    """Is there room for ``nbytes`` more (with the same again spare)? Reads the container's limit (cgroup)
+    and the machine's available memory; ``MOR_LAB_PACKED_WEIGHTS=0`` says no."""
+    import os
+    if os.environ.get("MOR_LAB_PACKED_WEIGHTS", "1").strip().lower() in ("0", "false", "no"):
+        return False
+    available = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        return False
+    for limit_path, used_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                   "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, used = open(limit_path).read().strip(), int(open(used_path).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            available = min(available or int(limit), int(limit) - used)
+        break
+    return available is not None and available > 2 * nbytes
 
 
 def fast_settings(model, cost: CostModel | None) -> dict:
     """The fast paths the engine turns on: the measured layouts when a cost model is given, else a cached
     measurement for this model's shape on this device."""
-    if cost is not None:
-        return dict(transposed_min_rows=cost.transposed_min_rows, head_transposed_min_rows=cost.head_transposed_min_rows)
+    if cost is not None and cost.layouts:
+        return dict(layouts=tuple(map(tuple, cost.layouts)), head_layouts=tuple(map(tuple, cost.head_layouts)))
     key = (model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size, str(model.dtype),
-           str(model.device), torch.get_num_threads())
+           str(model.device), torch.get_num_threads(), len(model.layers))
     if key not in _LAYOUTS:
-        _LAYOUTS[key] = measure_layouts(model, reps=3)
-    rows, head = _LAYOUTS[key]
-    return dict(transposed_min_rows=rows, head_transposed_min_rows=head)
+        _LAYOUTS[key] = measure_layouts(model, reps=3, max_rows=64)
+    layers, head = _LAYOUTS[key]
+    return dict(layouts=layers, head_layouts=head)
 
 
-_LAYOUTS: dict[tuple, tuple[int | None, int | None]] = {}
+_LAYOUTS: dict[tuple, tuple[tuple, tuple]] = {}
 
 
 class _Null:
@@ -333,6 +397,16 @@ class _Null:
 
     def __exit__(self, *exc):
         return False
+
+
+def propagation_steps(model) -> list[int]:
+    """The steps a typical early exit skips: the loops after the first (a recursive model), or the last
+    third of the layers (a vanilla one). The cost model prices propagation calls like these."""
+    from .plan import LoopStructure
+    st = LoopStructure.of(model)
+    if st is not None:
+        return list(st.skipped_steps(1))
+    return list(range(model.num_steps - model.num_steps // 3, model.num_steps))
 
 
 class _Scratch:
@@ -370,7 +444,14 @@ class _Scratch:
         self.model.head(self.h[:n]).float().softmax(-1).topk(2, dim=-1)
 
     def propagate(self, n: int) -> None:
-        layer = self.model.layers[0]
-        chunk = self._chunk(n)
-        rope = self.model.rope(chunk.positions)
-        layer.self_attn.project_kv(layer.input_layernorm(self.h[:n]), rope)
+        """One state-propagation pass through the model's own code: the K/V of one shared layer's steps
+        (the largest group of tied steps), written into each of them, for ``n`` tokens."""
+        from ..models.cache import KVCache
+        if getattr(self, "_prop_cache", None) is None:
+            self._prop_cache = KVCache.for_model(self.model, self.cache.batch_size, self.keys)
+            self._prop_skip = torch.zeros(self.cache.batch_size, self.model.num_steps, dtype=torch.bool,
+                                          device=self.model.device)
+            self._prop_skip[:, propagation_steps(self.model)] = True
+        self._prop_cache.lengths.fill_(self.keys - 1)
+        rows = torch.arange(n, device=self.model.device)
+        self.model.propagate(self.h[:n], rows, rows, self._prop_skip[:n], self._prop_cache)

@@ -319,8 +319,8 @@ class Scheduler:
             some = skipped.any(1)
             if bool(some.any()):
                 p, skipped = p.select(some), skipped[some]
-                passes = self.model.propagate(p.h, p.row, p.pos, skipped, self.cache)
-                self.trace.passes.extend([Pass("propagate", len(p), len(p))] * passes)
+                layers = self.model.propagate(p.h, p.row, p.pos, skipped, self.cache)
+                self.trace.passes.append(Pass("propagate", len(p), len(p), layers))  # keys: the layers projected
         self.policy.left(out, self._context(out))
         self.waiting = Tokens.cat([self.waiting, out])
 

@@ -22,8 +22,9 @@ class Pass(NamedTuple):
 
     ``kind``: "layer" (one decoder layer over packed tokens), "head" (final norm + LM head + sampling),
     "test" (an exit test: the LM head at an exit, or a classifier), "propagate" (K/V projections of
-    exited tokens for the steps they skipped), "router" (MoR router scores). ``keys``: summed attention
-    length of the tokens (layer passes); ``prefill``: how many of the tokens are prompt tokens."""
+    exited tokens for the steps they skipped, all layers in one call), "router" (MoR router scores).
+    ``keys``: summed attention length of the tokens (layer passes), or the layers a propagation call
+    projected; ``prefill``: how many of the tokens are prompt tokens."""
     kind: str
     rows: int
     tokens: int

@@ -29,40 +29,47 @@ from .cache import Chunk, KVCache
 from .config import ModelConfig
 
 
+LAYOUTS = ("linear", "transposed", "packed")
+
+
 class FastPaths:
     """What the engine turns on for its decode passes (``fast_paths(...)``); off everywhere else.
 
-    ``transposed_min_rows`` (``head_transposed_min_rows`` for the LM head): from this many rows on, a
-    projection is computed as ``(W @ x^T)^T``
-    instead of ``x @ W^T`` (``F.linear``): the same product, but on CPUs whose BLAS handles few
-    columns better than few rows it runs up to 2x faster at 4-32 rows (the engine's cost model
-    measures both on the device and sets this; ``None``: never). ``fused``: q/k/v and gate/up run as
-    one matmul each over weights stored side by side. ``decode_attention``: one query per row
-    attends through two small matmuls instead of SDPA, whose per-call overhead dominates at
-    decode sizes on a CPU. None of these keep HF's summation order: the ``exact`` engine mode
-    leaves them all off (the HF parity tests use it).
+    ``layouts`` (``head_layouts`` for the LM head): which matmul computes ``x @ W^T`` for how many rows,
+    as ``((min_rows, layout), ...)``: ``linear`` is ``F.linear``; ``transposed`` is ``(W @ x^T)^T``, the same
+    product, which on some CPUs' BLAS runs up to 2x faster at 4-32 rows; ``packed`` multiplies with a
+    copy of ``W`` that oneDNN prepacked once (a plain BLAS call repacks ``W`` on every call, which at a
+    few rows costs as much as the product: prepacked, a pass over a layer costs about the same for 4
+    rows as for 1). The engine's cost model measures them on the device and picks per row count
+    (``engine.cost.measure_layouts``); ``packed`` costs one more copy of the weights in memory.
+    ``fused``: q/k/v and gate/up run as one matmul each over weights stored side by side.
+    ``decode_attention``: one query per row attends through two small matmuls instead of SDPA, whose
+    per-call overhead dominates at decode sizes on a CPU. None of these keep HF's summation order: the
+    ``exact`` engine mode leaves them all off (the HF parity tests use it).
     """
 
     def __init__(self):
         self.enabled = False
-        self.transposed_min_rows: int | None = None
-        self.head_transposed_min_rows: int | None = None
+        self.layouts: tuple = ()
+        self.head_layouts: tuple = ()
         self.fused = False
         self.decode_attention = False
 
 
 FAST = FastPaths()
-
-
-_FIELDS = ("enabled", "transposed_min_rows", "head_transposed_min_rows", "fused", "decode_attention")
+_FIELDS = ("enabled", "layouts", "head_layouts", "fused", "decode_attention")
 
 
 @contextmanager
-def fast_paths(transposed_min_rows: int | None = 3, head_transposed_min_rows: int | None = 3, fused: bool = True,
-               decode_attention: bool = True):
+def fast_paths(layouts=((1, "linear"), (3, "transposed")), head_layouts=((1, "linear"), (3, "transposed")),
+               fused: bool = True, decode_attention: bool = True):
     """Inside the block, inference passes take the fast paths (see :class:`FastPaths`)."""
+    for table in (layouts, head_layouts):
+        for _, name in table:
+            if name not in LAYOUTS:
+                raise ValueError(f"unknown matmul layout {name!r}; allowed: {', '.join(LAYOUTS)}")
     saved = tuple(getattr(FAST, f) for f in _FIELDS)
-    for f, value in zip(_FIELDS, (True, transposed_min_rows, head_transposed_min_rows, fused, decode_attention)):
+    for f, value in zip(_FIELDS, (True, tuple(layouts), tuple(head_layouts), fused, decode_attention)):
         setattr(FAST, f, value)
     try:
         yield FAST
@@ -71,13 +78,63 @@ def fast_paths(transposed_min_rows: int | None = 3, head_transposed_min_rows: in
             setattr(FAST, f, value)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def layout_for(rows: int, table) -> str:
+    """The layout of ``table`` (``((min_rows, layout), ...)``, ascending) for ``rows`` rows."""
+    name = "linear"
+    for min_rows, layout in table:
+        if rows >= min_rows:
+            name = layout
+    return name
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, head: bool = False) -> torch.Tensor:
     """``x @ W^T + b``, in the layout the engine measured fastest for this many rows (``FastPaths``)."""
-    rows = FAST.transposed_min_rows
-    if FAST.enabled and rows is not None and x.dim() == 2 and x.shape[0] >= rows and not torch.is_grad_enabled():
+    if not FAST.enabled or x.dim() != 2 or torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    layout = layout_for(x.shape[0], FAST.head_layouts if head else FAST.layouts)
+    if layout == "transposed":
         y = torch.mm(weight, x.T).T.contiguous()
         return y if bias is None else y + bias
+    if layout == "packed":
+        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, oneDNN prepacked copy)
+
+
+def packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's prepacked copy of ``weight``, made once and remade when ``weight`` changes in place (its
+    version counter) or is freed (a weak reference drops the copy)."""
+    import weakref
+    version = _version(weight)
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == version:
+        return entry[2]
+    key = id(weight)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), version, packed)
+    return packed
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place updates bump a tensor's version; an inference tensor has none (and cannot be updated
+    outside inference mode)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def packing_available() -> bool:
+    """Can this PyTorch build prepack weights with oneDNN (CPU builds with MKL-DNN)?"""
+    try:
+        w = torch.zeros(4, 8)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8), torch.ops.mkldnn._reorder_linear_weight(w, None), None,
+                                           "none", [], "")
+        return True
+    except (RuntimeError, AttributeError):
+        return False
 
 
 def fused_weight(linears: list[nn.Linear]) -> torch.Tensor | None:
@@ -90,7 +147,7 @@ def fused_weight(linears: list[nn.Linear]) -> torch.Tensor | None:
     cached = getattr(linears[0], "_fused_with", None)
     if cached is not None and cached[1] == pointers and cached[0].dtype == linears[0].weight.dtype:
         return cached[0]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the parameters stay trainable
         fused = torch.cat([l.weight.detach() for l in linears])
         offset = 0
         for l in linears:
@@ -411,8 +468,15 @@ class Attention(nn.Module):
         return fused_weight([self.q_proj, self.k_proj, self.v_proj])
 
     def fused_kv(self) -> torch.Tensor | None:
+        """The k/v rows of the fused q/k/v buffer: one view per buffer, kept (a prepacked copy is cached per
+        tensor, so a fresh view every call would be repacked every call)."""
         qkv = self.fused_qkv()
-        return None if qkv is None else qkv[self.q_proj.out_features:]
+        if qkv is None:
+            return None
+        cached = getattr(self, "_kv_view", None)
+        if cached is None or cached[0] is not qkv:
+            self._kv_view = cached = (qkv, qkv[self.q_proj.out_features:])
+        return cached[1]
 
     def project(self, x, rope, delta: StepDelta | None = None):
         q, k, v = project_many([self.q_proj, self.k_proj, self.v_proj], ["q_proj", "k_proj", "v_proj"], x, delta,
@@ -553,13 +617,16 @@ class Decoder(nn.Module):
 
         Batched per physical layer: the steps of one layer without per-step deltas (the loops of a tied
         recursive block) have identical K/V, so they are computed once, for every token that skipped any
-        of them, and written to each. Returns the number of K/V projection passes (for the cost model)."""
+        of them, and written to each. Returns the number of layers projected (for the cost model)."""
         if len(torch.unique(rows)) != len(rows):
             raise ValueError("propagate takes one token per cache row")
         rope = self.rope(positions)
+        if FAST.enabled and not torch.is_grad_enabled() and not len(self.step_deltas) and \
+                not kernels.use_triton(h):
+            return self._propagate_stacked(h, rows, rope, skipped, cache)
         passes = 0
         for layer_index, group, delta in self._propagation_groups():
-            need = skipped[:, group]
+            need = skipped[:, group]  # [N, steps of this group]
             tokens = need.any(1).nonzero().squeeze(1)
             if len(tokens) == 0:
                 continue
@@ -567,14 +634,54 @@ class Decoder(nn.Module):
             x = norm(layer.input_layernorm, "input_layernorm", h[tokens], delta)
             k, v = layer.self_attn.project_kv(x, (rope[0][tokens], rope[1][tokens]), delta)
             passes += 1
-            r = rows[tokens]
-            for j, s in enumerate(group):
-                m = need[tokens, j]
-                if len(group) == 1 or bool(m.all()):
-                    cache.put(s, r, cache.length(s, r), k, v)
-                elif bool(m.any()):
-                    cache.put(s, r[m], cache.length(s, r[m]), k[m], v[m])
+            if len(group) == 1:
+                r = rows[tokens]
+                cache.put(group[0], r, cache.length(group[0], r), k, v)
+                continue
+            which, j = need[tokens].nonzero(as_tuple=True)  # one (token, step) pair per K/V to write
+            step = torch.tensor(group, device=rows.device)[j]
+            r = rows[tokens][which]
+            cache.put(step, r, cache.lengths[cache.page_of[step], r], k[which], v[which])  # one write for all
         return passes
+
+    def _propagate_stacked(self, h, rows, rope, skipped, cache) -> int:
+        """The engine's fast path of ``propagate`` (no step deltas): every layer's K/V of the exited states in
+        one batched matmul over the layers' stacked K/V weights, one rotary call, one cache write. The
+        same products as one projection per layer, in a handful of ops instead of a dozen per layer."""
+        layers = sorted({self.plan[s] for s in skipped.any(0).nonzero().flatten().tolist()})
+        if not layers:
+            return 0
+        norms, weights = self._stacked_kv(layers)  # [G, d], [G, d, 2 * kv_heads * head_dim]
+        attn = self.layers[layers[0]].self_attn
+        kv_heads, head_dim = attn.num_kv_heads, attn.head_dim
+        first = self.layers[layers[0]].input_layernorm
+        x = F.rms_norm(h.float(), (h.shape[-1],), None, first.eps).to(h.dtype)  # the norm before its weight
+        kv = torch.bmm(x[None] * norms[:, None, :], weights)  # [G, N, 2 * kv_heads * head_dim]
+        k, v = kv.view(len(layers), len(h), 2, kv_heads, head_dim).unbind(2)
+        k = apply_rotary(k, rope[0][None], rope[1][None])
+        token, step = skipped.nonzero(as_tuple=True)  # one (token, step) pair per K/V to write
+        index = torch.full((len(self.layers),), -1, dtype=torch.long, device=h.device)
+        index[torch.tensor(layers, device=h.device)] = torch.arange(len(layers), device=h.device)
+        g = index[torch.tensor(self.plan, device=h.device)[step]]
+        r = rows[token]
+        cache.put(step, r, cache.lengths[cache.page_of[step], r], k[g, token], v[g, token])
+        return len(layers)
+
+    def _stacked_kv(self, layers: list[int]):
+        """The norm weights and K/V weights (transposed) of ``layers`` stacked, cached until they change."""
+        params = [p for i in layers for p in (self.layers[i].input_layernorm.weight,
+                                               self.layers[i].self_attn.k_proj.weight,
+                                               self.layers[i].self_attn.v_proj.weight)]
+        key = (tuple(layers), tuple(p.data_ptr() for p in params), tuple(_version(p) for p in params))
+        cached = getattr(self, "_kv_stack", None)
+        if cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        with torch.no_grad():
+            norms = torch.stack([self.layers[i].input_layernorm.weight for i in layers]).detach()
+            weights = torch.stack([torch.cat([self.layers[i].self_attn.k_proj.weight,
+                                              self.layers[i].self_attn.v_proj.weight]).T for i in layers]).detach()
+        self._kv_stack = (key, norms, weights.contiguous())
+        return norms, self._kv_stack[2]
 
     def _propagation_groups(self) -> list[tuple[int, list[int], "StepDelta | None"]]:
         """(physical layer, the steps on it that share K/V, their delta): steps of one layer without deltas
@@ -596,9 +703,8 @@ class Decoder(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head; also the 'logit lens' for any intermediate hidden state."""
         x = self.norm(h)
-        if FAST.enabled and FAST.head_transposed_min_rows is not None and x.dim() == 2 and \
-                x.shape[0] >= FAST.head_transposed_min_rows and not torch.is_grad_enabled():
-            return torch.mm(self.lm_head.weight, x.T).T
+        if FAST.enabled and x.dim() == 2 and not torch.is_grad_enabled():
+            return linear(x, self.lm_head.weight, head=True)
         return self.lm_head(x)
 
     def forward(self, input_ids: torch.Tensor, return_hidden: bool = False):
