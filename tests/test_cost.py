@@ -30,7 +30,7 @@ def test_prediction_sums_the_passes_and_the_ideal_repacks_them_into_full_ones():
     cost = synthetic()
     trace = Trace(num_steps=10, slots=8)
     trace.passes = [Pass("prefill", 4, 40, 400, 40)] + [Pass("layer", 2, 2, 64)] * 10 + [Pass("head", 2, 2)]
-    trace.steps_ = [None] * 3  # 3 engine steps + 1 head call of bookkeeping
+    trace.labelled = [None] * 3  # 3 engine steps + 1 head call of bookkeeping
     predicted = cost.layer(40, 400) + 10 * cost.layer(2) + cost.head(2) + 4 * cost.overhead_s
     assert cost.predict(trace) == pytest.approx(predicted)
     # ideal: 20 decode layer-tokens in passes of 8 rows (2.5 passes), 2 head rows (a quarter of a full head

@@ -25,7 +25,7 @@ def worked_trace() -> Trace:
     engine = [EngineStep("prefill", [0, 1], ["prefill", "prefill"], 9),
               EngineStep("decode", [0, 1], ["decode", "decode"], 2),
               EngineStep("decode", [0, None], ["decode", IDLE], 1)]
-    return Trace(num_steps=4, tokens=[[a, b, c], [d]], engine_steps=engine)
+    return Trace(num_steps=4, tokens=[[a, b, c], [d]], labelled=engine)
 
 
 TEXTS = [["The", " cat", " sat"], [" Yes"]]

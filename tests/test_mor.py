@@ -309,7 +309,7 @@ def test_bench_mor_cli_quick_on_a_tiny_shape(tmp_path, monkeypatch):
     assert report["suite"] == "mor" and report["quick"]
     methods = {(r["method"], r["batch_size"]) for r in report["results"]}
     assert methods == {(m, b) for b in (2, 3) for m in
-                       ["vanilla"] + [f"mor{n}_{k}" for n in (2, 3, 4) for k in ("cdb", "static")]}
+                       ["vanilla"] + [f"mor{n}_{k}" for n in (2, 3, 4) for k in ("cdb", "cdb_cost", "static")]}
     for row in report["results"]:
         assert {"method", "batch_size", "tokens_per_s", "mean_layers", "kv_cache_mb"} <= set(row)
         assert row["tokens_per_s"] > 0 and row["new_tokens"] == row["requests"] * report["max_new_tokens"]

@@ -314,10 +314,10 @@ def measure_layouts(model, reps: int = 3, max_rows: int = 64) -> tuple[tuple, tu
     Candidates (``decoder.LAYOUTS``): ``F.linear``; ``(W @ x^T)^T``; oneDNN-prepacked weights (when this
     PyTorch can prepack and there is memory for one more copy of the weights). Measured, never assumed:
     which wins depends on the BLAS, the CPU and the rows."""
-    from ..models.decoder import fast_paths, linear, packed_weight, packing_available
+    from ..models.decoder import PACKABLE, fast_paths, linear, packed_weight, packing_available
     device, dtype = model.device, model.dtype
     candidates = ["linear", "transposed"]
-    if device.type == "cpu" and packing_available() and memory_allows_copy(weight_bytes(model)):
+    if device.type == "cpu" and dtype in PACKABLE and packing_available() and memory_allows_copy(weight_bytes(model)):
         candidates.append("packed")
     samples = {"layer": [l.mlp.up_proj.weight for l in model.layers[:8]], "head": [model.lm_head.weight]}
     sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256) if n <= max(max_rows, 4)]

@@ -66,7 +66,7 @@ class Trace:
     passes: list[Pass] = field(default_factory=list)  # every read of weights, for the cost model
     slots: int = 0  # block slots: the most rows one pass may run (the batch size B)
     seconds: float = 0.0  # wall time of the run
-    steps_: list[EngineStep] = field(default_factory=list, repr=False)
+    labelled: list[EngineStep] = field(default_factory=list, repr=False)
     pending: list = field(default_factory=list, repr=False)  # raw records, labelled on first read
     labeler: object = field(default=None, repr=False, compare=False)
 
@@ -75,9 +75,9 @@ class Trace:
         """What every batch slot did at every pass. The engine keeps raw tensors while it runs (no per-row
         Python in its hot path); they become labelled steps here, when something reads them."""
         if self.pending:
-            self.steps_ += [self.labeler(record) for record in self.pending]
+            self.labelled += [self.labeler(record) for record in self.pending]
             self.pending = []
-        return self.steps_
+        return self.labelled
 
     def utilization(self, kinds: tuple[str, ...] | None = None) -> float:
         """Fraction of batch-slot x engine-step cells that did useful work."""

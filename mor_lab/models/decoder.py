@@ -95,11 +95,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if layout == "transposed":
         y = torch.mm(weight, x.T).T.contiguous()
         return y if bias is None else y + bias
-    if layout == "packed":
+    if layout == "packed" and weight.dtype in PACKABLE:
         return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
+PACKABLE = (torch.float32, torch.bfloat16)  # the dtypes oneDNN prepacks (float64 falls back to F.linear)
 _PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, oneDNN prepacked copy)
 
 
