@@ -34,6 +34,8 @@ def test_structure_is_read_off_the_plan(model):
     assert LoopStructure.of(sequence) is None
     with pytest.raises(ValueError, match="recursive model"):
         mor_lab.generate_ids(sequence, [[1, 2]], 2, policy=LoopExit(FixedLoops([1.0])))
+    with pytest.raises(TypeError, match=r"wrap it: policy=LoopExit\(FixedLoops"):  # a rule is not a policy
+        mor_lab.generate_ids(sequence, [[1, 2]], 2, policy=FixedLoops([1.0]))
 
 
 @pytest.mark.parametrize("slots", [1, 3, 8])

@@ -95,6 +95,11 @@ class Scheduler:
                 raise ValueError(f"{name} must be a positive integer (batch slots), got {value!r}")
         if in_flight is not None and slots is not None and in_flight < slots:
             raise ValueError(f"in_flight ({in_flight}) must be >= slots ({slots}): every slot needs a sequence")
+        if policy is not None and not isinstance(policy, DepthPolicy):
+            hint = (f"wrap it: policy=LoopExit({type(policy).__name__}(...)) (mor_lab.engine.policies)"
+                    if callable(policy) else "see mor_lab.engine.policies")
+            raise TypeError(f"policy must be a DepthPolicy, got {type(policy).__name__}: an exit rule is not a "
+                            f"policy; {hint}")
         self.model, self.policy = model, policy or DepthPolicy()
         self.slots, self.mode, self.head_rule, self.in_flight = slots, mode, head_rule, in_flight
         self.sampler = sampler or Sampler()
