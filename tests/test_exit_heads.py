@@ -238,12 +238,14 @@ def test_calm_objective_and_training_errors():
     assert len(history.loss) == 2  # two exits: CALM's weighted objective
     with pytest.raises(ValueError, match="full_finetune"):
         train_exit_heads(model, heads, random_tokens((2, 8)), steps=1, kd="mse", progress=False)
+    with pytest.raises(ValueError, match="unknown kd 'l2'; allowed: kl, mse, mse_last, mse_dyna"):
+        train_exit_heads(model, heads, random_tokens((2, 8)), steps=1, kd="l2", progress=False)
     with pytest.raises(ValueError, match="nothing to train"):
         train_exit_heads(model, ExitHeads.for_model(model, ExitConfig([1], adapter="none")), random_tokens((2, 8)),
                          steps=1, train_meta=False, progress=False)
 
 
-@pytest.mark.parametrize("kd", ["kl", "mse"])
+@pytest.mark.parametrize("kd", ["kl", "mse", "mse_last", "mse_dyna"])  # every FREE KD kind, final norm applied
 def test_full_finetune_trains_the_whole_model(kd):
     model = tiny_model()
     original = {k: v.clone() for k, v in model.state_dict().items()}

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models.config import DictConfig
 from ..train.loop import Cycle, LoopConfig, OptimConfig, RowStream, TrainLog, fit, make_accelerator, only_training
-from ..train.losses import (IGNORE_INDEX, KD_KINDS, calm_loss, free_loss, kl_distill, meta_loss,
+from ..train.losses import (FREE_KD_KINDS, IGNORE_INDEX, calm_loss, free_loss, kl_distill, meta_loss,
                             next_token_targets)
 from .confidence import MEASURES, MetaClassifier, confidence
 
@@ -257,7 +257,7 @@ class TrainHistory:
 
 def exit_objective(objective: str, exit_logits: dict[int, torch.Tensor], deep_logits: torch.Tensor,
                    targets: torch.Tensor, num_layers: int, alpha: float = 0.5, kd: str = "kl",
-                   temperature: float = 1.0, hidden=None) -> torch.Tensor:
+                   temperature: float = 1.0, hidden=None, norm=None) -> torch.Tensor:
     """FREE's shallow-deep loss (one exit) or CALM's depth-weighted CE over all exits + the deep one.
 
     CALM's variant adds ``alpha`` times the mean KL from the deep logits to each exit's, as FREE does;
@@ -267,10 +267,10 @@ def exit_objective(objective: str, exit_logits: dict[int, torch.Tensor], deep_lo
         if len(exit_logits) != 1:
             raise ValueError(f"objective 'free' has one shallow exit, got exits {sorted(exit_logits)}")
         (layer, logits), = exit_logits.items()
-        from_map = kd == "mse"
+        from_map = kd in ("mse", "mse_dyna")
         return free_loss(logits, deep_logits, targets, shallow_layers=layer, num_layers=num_layers, alpha=alpha,
                          kd=kd, hidden=hidden, layer_map=free_layer_map(num_layers, layer) if from_map else None,
-                         temperature=temperature).total
+                         temperature=temperature, norm=norm).total
     if objective != "calm":
         raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
     if kd != "kl":
@@ -311,7 +311,7 @@ class _ExitObjective(nn.Module):
             exit_hidden = {k: cache.exits[k][idx].to(model.device) for k in heads.exit_layers}
         exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
         loss = exit_objective(self.objective, exit_logits, deep_logits, targets, model.num_steps, self.alpha,
-                              self.kd, self.temperature, hidden)
+                              self.kd, self.temperature, hidden, norm=model.norm)  # FREE's code: the final norm
         metrics, total = {"objective": loss.detach()}, loss
         if self.train_meta:
             final_top1 = deep_logits.detach().argmax(-1)
@@ -348,10 +348,10 @@ def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: flo
     objective = objective or ("free" if len(heads.exit_layers) == 1 else "calm")
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
-    if kd not in KD_KINDS:
-        raise ValueError(f"unknown kd {kd!r}; allowed: {', '.join(KD_KINDS)}")
-    if kd == "mse" and not full_finetune:
-        raise ValueError("kd='mse' needs full_finetune=True: with a frozen backbone the shallow hidden states "
+    if kd not in FREE_KD_KINDS:
+        raise ValueError(f"unknown kd {kd!r}; allowed: {', '.join(FREE_KD_KINDS)}")
+    if kd != "kl" and not full_finetune:
+        raise ValueError(f"kd={kd!r} needs full_finetune=True: with a frozen backbone the shallow hidden states "
                          "depend on nothing trainable, so use kd='kl'")
     if steps < 1 or batch_tokens < 1:
         raise ValueError(f"steps and batch_tokens must be >= 1, got {steps} and {batch_tokens}")

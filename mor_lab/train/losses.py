@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-KD_KINDS = ("kl", "mse")  # what the exit-head trainer wires today
 HIDDEN_KD_KINDS = ("mse", "mse_last", "mse_dyna")  # layer-wise hidden-state distillation
 FREE_KD_KINDS = ("kl",) + HIDDEN_KD_KINDS  # what free_loss accepts
 
