@@ -54,7 +54,8 @@ def test_exit_tradeoff_per_row_and_batch():
 def synthetic_measures() -> LayerMeasures:
     rng = np.random.default_rng(0)
     agrees = rng.random((3, 60)) < np.array([[0.2], [0.5], [0.8]])
-    scores = {m: np.where(agrees, 0.7, 0.3) + rng.normal(0, 0.2, agrees.shape) for m in ("softmax", "margin", "state")}
+    scores = {m: np.where(agrees, 0.7, 0.3) + rng.normal(0, 0.2, agrees.shape)
+              for m in ("softmax_max", "softmax_diff", "state")}
     scores["meta"] = np.full(agrees.shape, np.nan)
     scores["meta"][2] = np.where(agrees[2], 0.6, 0.4)
     return LayerMeasures([1, 2, 3], scores, agrees, [False, False, True])
@@ -63,12 +64,13 @@ def synthetic_measures() -> LayerMeasures:
 def test_layer_measures_summaries():
     lm = synthetic_measures()
     assert lm.num_tokens == 60 and lm.row(3) == 2
-    assert lm.available() == ["softmax", "margin", "state", "meta"]
-    assert lm.available(1) == ["softmax", "margin", "state"]
+    assert lm.available() == ["softmax_max", "softmax_diff", "state", "meta"]
+    assert lm.available(1) == ["softmax_max", "softmax_diff", "state"]
     np.testing.assert_allclose(lm.agreement(), lm.agrees.mean(1))
     assert np.isnan(lm.mean("meta")[0]) and lm.mean("meta")[2] == pytest.approx(lm.scores["meta"][2].mean())
     assert np.isnan(lm.auroc("meta")[0]) and lm.auroc("meta")[2] == 1.0
-    assert (lm.auroc("softmax") > 0.7).all()
+    assert (lm.auroc("softmax_max") > 0.7).all()
+    np.testing.assert_array_equal(lm.auroc("softmax"), lm.auroc("softmax_max"))  # the old alias still reads
     assert np.isnan(lm.auroc("softmax", min_count=1000)).all()  # too few tokens per class to say
     with pytest.raises(ValueError, match="no measurements"):
         lm.row(7)
@@ -87,15 +89,15 @@ def test_layer_measures_on_a_tiny_model():
         _, hidden = model(ids, return_hidden=True)
     lm = layer_measures(model, hidden)
     assert lm.layers == [1, 2, 3] and lm.num_tokens == 14 and lm.trained == [False] * 3
-    assert lm.available() == ["softmax", "margin", "state"]  # no classifier, no meta
-    assert ((lm.scores["margin"] >= 0) & (lm.scores["margin"] <= lm.scores["softmax"])).all()
+    assert lm.available() == ["softmax_max", "softmax_diff", "state"]  # no classifier, no meta
+    assert ((lm.scores["softmax_diff"] >= 0) & (lm.scores["softmax_diff"] <= lm.scores["softmax_max"])).all()
     final = model.head(hidden[4]).argmax(-1).flatten().numpy()
     np.testing.assert_array_equal(lm.agrees[1], model.head(hidden[2]).argmax(-1).flatten().numpy() == final)
     heads = ExitHeads.for_model(model, ExitConfig(exit_layers=[2]))
     exit2 = layer_measures(model, hidden, [2], heads)
-    assert exit2.trained == [True] and exit2.available() == ["softmax", "margin", "state", "meta"]
+    assert exit2.trained == [True] and exit2.available() == ["softmax_max", "softmax_diff", "state", "meta"]
     np.testing.assert_allclose(exit2.scores["meta"], 0.5)  # an untrained meta classifier says 0.5
-    np.testing.assert_allclose(exit2.scores["softmax"], lm.scores["softmax"][1:2], rtol=1e-6)  # zero adapter
+    np.testing.assert_allclose(exit2.scores["softmax_max"], lm.scores["softmax_max"][1:2], rtol=1e-6)  # zero adapter
     with pytest.raises(ValueError, match="layers must lie"):
         layer_measures(model, hidden, [4])
 
@@ -105,13 +107,18 @@ def test_figures_build():
     fig = layer_confidence_figure(lm, lm)
     assert isinstance(fig, go.Figure) and len(fig.data) > 6
     curves = exit_curves_figure(lm, 3)
-    assert [d.name.split()[0] for d in curves.data] == ["oracle", "softmax", "margin", "state", "meta"]
+    assert [d.name.split()[0] for d in curves.data] == ["oracle", "softmax_max", "softmax_diff", "state", "meta"]
     assert all(len(d.x) <= 200 for d in curves.data)
     fig = saved_vs_agreement_figure({"per token": ([0.1, 0.3], [0.9, 0.5], [0.9, 0.5]),
                                      "batch of 4": ([0.0, 0.1], [0.9, 0.5], [0.9, 0.5])}, {"oracle": (0.2, 1.0)})
     assert [d.line.dash for d in fig.data[:2]] == ["solid", "dash"]
-    fig = calm_threshold_figure(0.5, 10, temperatures=(4.0,))
-    assert fig.data[0].y[0] == pytest.approx(0.5) and fig.data[0].y[-1] == pytest.approx(0.45 + 0.05 * np.exp(-4))
+    fig = calm_threshold_figure(0.5, 10, temperature=4.0, used="calm")
+    paper, free = fig.data  # t = 1..10
+    assert paper.y[0] == pytest.approx(0.45 + 0.1 * np.exp(-0.4))
+    assert paper.y[-1] == pytest.approx(0.45 + 0.1 * np.exp(-4))
+    assert free.y[0] == pytest.approx(0.45 + 0.05 * np.exp(-0.4))
+    assert free.y[-1] == pytest.approx(0.45 + 0.05 * np.exp(-4))
+    assert "used" in paper.name and paper.line.width > free.line.width
 
 
 def test_outputs_table_marks_the_first_difference():
@@ -130,6 +137,11 @@ def test_tradeoff_dashboard_follows_the_slider():
     assert dash.summary.value.startswith("threshold 0.70")
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.plotly.v1+json" in bundle and "text/html" in bundle
+    costed = TradeoffDashboard(t, threshold=0.0, break_even=0.4)  # every token exits: cheaper than full depth
+    assert costed.figure.data[0].name == "tokens exiting, per row" and costed.figure.layout.shapes[0].y0 == 0.4
+    assert "cheaper" in costed.summary.value
+    costed.slider.value = 1.0
+    assert "dearer" in costed.summary.value and costed.figure.layout.shapes[-1].x0 == pytest.approx(1.0)
 
 
 def test_depth_grid_marks_held_tokens():

@@ -5,7 +5,10 @@ Analysis (small, numpy): :func:`layer_measures` computes CALM's four measures
 every exit rule tries to predict: "this layer's top-1 equals the final top-1". :func:`auroc`,
 :func:`exit_curve` and :func:`exit_tradeoff` say how well a measure predicts that label, per token
 and in a batch. These are teacher-forced what-ifs: every token keeps the full model's context; the
-real decoders (``early_exit.decoding``) show what changes when it does not.
+real decoders (the engine's ``CalmExit``/``StaticExit`` policies) show what changes when it does not.
+
+Measures go by their canonical names (``CANONICAL_MEASURES``: ``softmax_max``, ``softmax_diff``, ``state``,
+``meta``); the methods that take a measure also accept the old aliases (``softmax``, ``margin``).
 
 Figures: confidence vs agreement per layer, agreement vs fraction exited, layers saved vs agreement,
 CALM's decaying threshold, and a threshold slider over a precomputed trade-off.
@@ -21,11 +24,11 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from ..early_exit.confidence import MEASURES, calm_threshold, confidence
+from ..early_exit.confidence import CANONICAL_MEASURES, calm_threshold, canonical_measure, confidence
 from .widgets import static_bundle
 
 # Okabe-Ito colors, one per measure, the same in every figure.
-MEASURE_COLORS = {"softmax": "#0072B2", "margin": "#E69F00", "state": "#009E73", "meta": "#CC79A7"}
+MEASURE_COLORS = {"softmax_max": "#0072B2", "softmax_diff": "#E69F00", "state": "#009E73", "meta": "#CC79A7"}
 AGREEMENT_COLOR = "#000000"
 BATCH_DASH = "dash"
 DIVERGED_COLOR = "#D55E00"  # Okabe-Ito vermillion: text after the first difference
@@ -55,7 +58,11 @@ class LayerMeasures:
     def available(self, layer: int | None = None) -> list[str]:
         """Measures with values (at ``layer``, or anywhere): ``meta`` only exists where a classifier was trained."""
         rows = slice(None) if layer is None else self.row(layer)
-        return [m for m in MEASURES if not np.isnan(self.scores[m][rows]).all()]
+        return [m for m in CANONICAL_MEASURES if not np.isnan(self.scores[m][rows]).all()]
+
+    def score(self, measure: str) -> np.ndarray:
+        """``[exits, tokens]`` confidences under ``measure`` (a canonical name or an alias)."""
+        return self.scores[canonical_measure(measure)]
 
     def agreement(self) -> np.ndarray:
         """``[exits]``: fraction of tokens whose exit top-1 equals the final top-1."""
@@ -63,7 +70,7 @@ class LayerMeasures:
 
     def mean(self, measure: str) -> np.ndarray:
         """``[exits]``: mean confidence under ``measure`` (NaN where unavailable)."""
-        s = self.scores[measure]
+        s = self.score(measure)
         return np.array([np.nan if np.isnan(r).all() else float(np.nanmean(r)) for r in s])
 
     def auroc(self, measure: str, min_count: int = 10) -> np.ndarray:
@@ -72,7 +79,7 @@ class LayerMeasures:
         NaN where fewer than ``min_count`` tokens agree (or disagree): too few to say anything.
         """
         out = []
-        for s, y in zip(self.scores[measure], self.agrees):
+        for s, y in zip(self.score(measure), self.agrees):
             enough = min(y.sum(), (~y).sum()) >= min_count
             out.append(auroc(s, y) if enough else float("nan"))
         return np.array(out)
@@ -95,12 +102,12 @@ def layer_measures(model, hidden: torch.Tensor, layers=None, heads=None) -> Laye
     exits = set(heads.exit_layers) if heads is not None else set()
     final = model.head(h[num_steps]).argmax(-1)
     n = h.shape[1]
-    scores = {m: np.full((len(layers), n), np.nan) for m in MEASURES}
+    scores = {m: np.full((len(layers), n), np.nan) for m in CANONICAL_MEASURES}
     agrees = np.zeros((len(layers), n), dtype=bool)
     for i, k in enumerate(layers):
         logits = heads.logits(model, h[k], k) if k in exits else model.head(h[k])
         agrees[i] = (logits.argmax(-1) == final).cpu().numpy()
-        for m in ("softmax", "margin"):
+        for m in ("softmax_max", "softmax_diff"):
             scores[m][i] = confidence(m, logits=logits).cpu().numpy()
         scores["state"][i] = confidence("state", hidden=h[k], prev_hidden=h[k - 1]).cpu().numpy()
         if k in exits:
@@ -280,17 +287,25 @@ def saved_vs_agreement_figure(curves: dict, points: dict | None = None, title: s
     return fig
 
 
-def calm_threshold_figure(tau: float, max_len: int, temperatures=(1.0, 4.0, 16.0)) -> go.Figure:
-    """CALM's threshold over the decode steps of one output, for a few decay temperatures."""
-    t = np.arange(max_len + 1)
+def calm_threshold_figure(tau: float, max_len: int, temperature: float = 4.0, used: str | None = None) -> go.Figure:
+    """CALM's decaying threshold over the generated tokens of one output, in both forms of ``calm_threshold``.
+
+    ``form="calm"`` is the CALM paper's equation, ``form="free"`` what FREE's code computes; ``used`` names
+    the one a run uses (drawn thicker).
+    """
+    t = np.arange(1, max_len + 1)
     fig = go.Figure()
-    for k, temp in enumerate(temperatures):
-        fig.add_scatter(x=t, y=[calm_threshold(tau, int(i), max_len, temp) for i in t], name=f"T = {temp:g}",
-                        mode="lines", line={"color": list(MEASURE_COLORS.values())[k % 4]})
+    forms = {"calm": ("CALM paper: 0.9·tau + 0.1·exp(-T·t/N)", "#0072B2"),
+             "free": ("FREE's code: 0.9·tau + 0.1·tau·exp(-T·t/N)", "#E69F00")}
+    for form, (name, color) in forms.items():
+        y = [calm_threshold(tau, int(i), max_len, temperature, form=form) for i in t]
+        fig.add_scatter(x=t, y=y, name=name + (" (used below)" if form == used else ""), mode="lines+markers",
+                        line={"color": color, "width": 3.5 if form == used else 1.5})
     fig.add_hline(y=tau, line={"color": "gray", "dash": "dot"}, annotation_text=f"tau = {tau:g}")
-    title = f"CALM's decaying threshold: 0.9·tau + 0.1·tau·exp(-T·t/N), tau = {tau:g}, N = {max_len}"
-    fig.update_layout(title=title, width=760, height=380, plot_bgcolor="white", xaxis={"title": "decode step t"},
-                      yaxis={"title": "threshold", "range": [0.85 * tau, 1.02 * tau]})
+    fig.update_layout(title=f"CALM's decaying threshold, tau = {tau:g}, T = {temperature:g}, N = {max_len}",
+                      width=760, height=380, plot_bgcolor="white", legend={"orientation": "h", "y": -0.25},
+                      xaxis={"title": "generated token t (1 = the first)"},
+                      yaxis={"title": "threshold", "range": [0.85 * tau, max(1.02 * tau, 0.9 * tau + 0.11)]})
     return fig
 
 
@@ -359,15 +374,22 @@ def outputs_table(tokens: dict[str, list[list[str]]], reference: str | None = No
 # ---------------------------------------------------------------------------------------------------
 # A threshold slider over a precomputed trade-off
 
-def tradeoff_figure(t: Tradeoff, measure: str = "margin") -> go.Figure:
-    """Layers saved and agreement against the threshold, per row (solid) and per batch (dashed)."""
+def tradeoff_figure(t: Tradeoff, measure: str = "margin", break_even: float | None = None) -> go.Figure:
+    """Layers saved and agreement against the threshold, per row (solid) and per batch (dashed).
+
+    ``break_even``: the exit rate below which exiting costs more than it saves (the exit test is paid by
+    every token): drawn as a level line next to the fraction of tokens that exit."""
     fig = go.Figure()
-    lines = [("layers saved, per row", t.layers_saved, "#0072B2", "solid"),
+    lines = [("tokens exiting, per row", t.exited, "#009E73", "solid")] if break_even is not None else []
+    lines += [("layers saved, per row", t.layers_saved, "#0072B2", "solid"),
              (f"layers saved, batch of {t.batch_size}", t.batch_layers_saved, "#0072B2", BATCH_DASH),
              ("agreement, per row", t.agreement, "#D55E00", "solid"),
              (f"agreement, batch of {t.batch_size}", t.batch_agreement, "#D55E00", BATCH_DASH)]
     for name, y, color, dash in lines:
         fig.add_scatter(x=t.thresholds, y=y, name=name, mode="lines", line={"color": color, "dash": dash, "width": 2.5})
+    if break_even is not None:
+        fig.add_hline(y=break_even, line={"color": "#009E73", "dash": "dot"},
+                      annotation_text=f"break-even exit rate {break_even:.0%}", annotation_position="top right")
     fig.add_vline(x=float(t.thresholds[0]), line={"color": "black", "width": 1})
     fig.update_layout(title=f"What a {measure} threshold at the exit after {t.exit_layer} layers saves and costs",
                       width=760, height=440, plot_bgcolor="white", legend={"orientation": "h", "y": -0.25},
@@ -376,21 +398,26 @@ def tradeoff_figure(t: Tradeoff, measure: str = "margin") -> go.Figure:
     return fig
 
 
-def tradeoff_summary(t: Tradeoff, i: int) -> str:
+def tradeoff_summary(t: Tradeoff, i: int, break_even: float | None = None) -> str:
     """One HTML paragraph: what threshold ``t.thresholds[i]`` does per row and per batch."""
+    cost = "" if break_even is None else (
+        f" The exit test is paid by every token: at {t.exited[i]:.0%} exits this is "
+        f"<b>{'cheaper' if t.exited[i] > break_even else 'dearer'}</b> than full depth "
+        f"(break-even {break_even:.0%}, one token at a time).")
     return (f"threshold {t.thresholds[i]:.2f}: <b>{t.exited[i]:.0%}</b> of tokens exit after {t.exit_layer} of "
             f"{t.num_layers} layers, <b>{t.layers_saved[i]:.1%} of layers saved</b> at "
             f"<b>{t.agreement[i]:.1%} agreement</b>. In CALM's batch semantics (batch of {t.batch_size}) only "
             f"{t.batch_exited[i]:.0%} of batch steps exit: {t.batch_layers_saved[i]:.1%} saved, "
-            f"{t.batch_agreement[i]:.1%} agreement.")
+            f"{t.batch_agreement[i]:.1%} agreement." + cost)
 
 
 class TradeoffDashboard:
     """A threshold slider over :func:`tradeoff_figure`: a marker line and a summary follow the slider."""
 
-    def __init__(self, tradeoff: Tradeoff, threshold: float = 0.5, measure: str = "margin"):
-        self.tradeoff = tradeoff
-        self.figure = go.FigureWidget(tradeoff_figure(tradeoff, measure))
+    def __init__(self, tradeoff: Tradeoff, threshold: float = 0.5, measure: str = "margin",
+                 break_even: float | None = None):
+        self.tradeoff, self.break_even = tradeoff, break_even
+        self.figure = go.FigureWidget(tradeoff_figure(tradeoff, measure, break_even))
         self.summary = widgets.HTML()
         lo, hi = float(tradeoff.thresholds.min()), float(tradeoff.thresholds.max())
         step = float(np.diff(tradeoff.thresholds).min()) if len(tradeoff.thresholds) > 1 else 0.01
@@ -405,8 +432,8 @@ class TradeoffDashboard:
         """Move the marker to the grid threshold nearest ``threshold``; returns its index."""
         i = self.tradeoff.at(threshold)
         x = float(self.tradeoff.thresholds[i])
-        self.figure.layout.shapes[0].update(x0=x, x1=x)
-        self.summary.value = tradeoff_summary(self.tradeoff, i)
+        self.figure.layout.shapes[-1].update(x0=x, x1=x)
+        self.summary.value = tradeoff_summary(self.tradeoff, i, self.break_even)
         return i
 
     def _repr_mimebundle_(self, **kwargs):
