@@ -136,3 +136,18 @@ def test_token_classes_of_code_and_prose():
         "identifier", "operator", "number", "space", "comment", "newline", "identifier", "operator", "string",
         "string", "newline", "builtin", "bracket", "keyword", "bracket", "keyword", "builtin"]
     assert classify_pieces(["\n    ", "if"]) == ["indentation", "keyword"]
+
+
+def test_bench_mor_runs_the_lab_family_side_by_side(lab, tmp_path, monkeypatch):
+    from mor_lab.bench.mor import lab_family
+    report = lab_family((3,), 3, ("every-step", "cost"), 1, torch.device("cpu"), quick=True)
+    assert report["models"] == ["vanilla", "mor-expert-3", "mor-token-3"]
+    methods = [r["method"] for r in report["results"]]
+    assert methods == ["vanilla"] + [f"{m}_{k}" for m in ("mor-expert-3", "mor-token-3")
+                                     for k in ("static", "cdb", "cdb_cost")]
+    for row in report["results"]:
+        assert row["new_tokens"] == row["requests"] * 3 and {"predicted_s", "ideal_speedup"} <= set(row)
+        if "_cdb" in row["method"]:  # the same routing decisions in every mode: the same tokens
+            assert row["same_tokens_as_static"]
+    monkeypatch.setenv("MOR_LAB_CHECKPOINTS", str(tmp_path))  # no checkpoints: an empty section that says why
+    assert lab_family((3,), 3, ("every-step",), 1, torch.device("cpu"), quick=True)["results"] == []

@@ -15,7 +15,9 @@ Every row carries the cost model's columns against ``vanilla`` (``bench.common.c
 model priced by its own calibration). A shape sweep repeats N_r = 3 with a 4x smaller vocabulary and a
 wider shape whose head is under 7 % of a token. KV memory per scheme is checked against the formulas,
 and a second mode gives every model the same memory for weights + KV cache and runs each at the
-largest batch that fits (how the paper measured its up-to-2.06x).
+largest batch that fits (how the paper measured its up-to-2.06x). Last, the lab's trained family
+(``lab:vanilla``, ``lab:mor-expert-3``, ...: routers that learned, a 4k vocabulary, so a cheap head) runs
+the same methods on their held-out text (``lab_models``).
 """
 from __future__ import annotations
 
@@ -103,6 +105,30 @@ def measure(models, costs, prompts, max_new_tokens, batch_size, rules, repeats, 
             rows[key]["speedup_vs_static"] = round(rows[key]["tokens_per_s"] / rows[static]["tokens_per_s"], 3)
             rows[key]["same_tokens_as_static"] = results[key][0] == results[static][0]
     return list(rows.values())
+
+
+def lab_family(batch_sizes, max_new_tokens: int, rules, repeats: int, device, quick: bool) -> dict:
+    """The committed lab models (``lab:vanilla``, ``lab:mor-expert-3``, ...; trained routers deciding depth
+    at decode time) side by side, on prompts cut from their held-out text. Their 4k vocabulary makes the
+    head cheap, the regime where skipped loops should show most; their small layers make per-pass
+    overhead large, which the cost model's columns separate out. Empty when the checkpoints are absent."""
+    from ..checkpoints import FAMILY, available, heldout_blocks, load_lab, model_dir
+    present = [name for name in FAMILY if f"{name}@seed0" in available()]
+    if "vanilla" not in present:
+        return {"models": present, "results": [], "note": "lab:vanilla is missing: train the family (mor-lab train)"}
+    models = {name: load_lab(name, device=device, with_tokenizer=False)[0] for name in present}
+    blocks = heldout_blocks(model_dir("vanilla"))
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for batch_size in batch_sizes:
+        count = batch_size * 3 // 2 if quick else batch_size * 2
+        lengths = torch.randint(16, 65, (count,), generator=g).tolist()
+        prompts = [blocks[i % len(blocks), :n].tolist() for i, n in enumerate(lengths)]
+        costs = {name: CostModel.calibrate(m, max_rows=2 * batch_size, reps=2 if quick else 3)
+                 for name, m in models.items()}
+        results += measure(models, costs, prompts, max_new_tokens, batch_size, rules, repeats, device)
+    return {"models": present, "results": results,
+            "note": "trained checkpoints (seed 0), routing by their routers' decode-time rule; greedy, EOS disabled"}
 
 
 def kv_memory(models: dict[str, MoRModel], context: int, batch_size: int) -> list[dict]:
@@ -197,13 +223,14 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
                 regime = swept_costs["vanilla"].regime(b)
                 sweep.append({"shape": name, "head_share": regime["head_share"], "regime": regime["regime"], **row})
             del swept
+        lab = lab_family(batch_sizes, max_new_tokens, rules, repeats, device, quick)
 
     return {"suite": "mor", "model": "random weights, shape " + json.dumps(shape.to_dict()),
             "quick": quick, "max_new_tokens": max_new_tokens, "prompt_lengths": list(lengths),
             "dtype": str(torch_dtype).replace("torch.", ""), "kernels": backend, "repeats": repeats,
             "recursions": list(recursions), "routing": "expert-choice, capacities (N-r)/N, causal threshold rule "
                                                       "calibrated to the top-k boundary; recursion-wise KV caching",
-            "environment": environment(device), "results": results, "shape_sweep": sweep,
+            "environment": environment(device), "results": results, "shape_sweep": sweep, "lab_models": lab,
             "cost_model": {name: {"calibration_s": round(c.seconds, 2), "regime": c.regime(max(batch_sizes))}
                            for name, c in costs.items()},
             "kv_memory": {"context": int(context), "batch_size": base_batch,
