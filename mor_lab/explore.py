@@ -7,11 +7,15 @@ model), nothing re-implemented:
 - ``full``: every token runs all 30 layers (``generate_ids`` with the default policy);
 - ``early exit (CALM)``: one trained exit after 20 layers, per-row exit with state propagation;
 - ``FREE``: the same exit, confident tokens defer their deep layers to a synchronized parallel pass;
-- ``recursive + CDB``: SmolLM2 cut to prelude + 4 loops of a shared 7-layer block + coda (not
-  uptrained, as in ``mor-lab bench cdb``: the text degrades, the schedule is real), continuous
-  depth-wise batching over 2 slots, a token leaves the loops when the logit lens is confident;
-- ``MoR``: the same cut with 3 recursions and an expert-choice router (untrained, decode thresholds
-  calibrated to the capacity), routed decoding under continuous depth-wise batching.
+- ``recursive + CDB``: the lab's trained recursive model (``lab:recursive-3``: prelude + 3 loops of a
+  shared block + coda, trained from scratch on Python's docs and source), continuous depth-wise
+  batching over 2 slots, a token leaves the loops when the logit lens is confident;
+- ``MoR``: the lab's trained expert-choice MoR model (``lab:mor-expert-3``): its router decides every
+  token's recursions at decode time, under continuous depth-wise batching.
+
+The lab models speak the text they were trained on (Python documentation and code, their own 4k
+tokenizer, no chat template). Where a checkpoint is missing, the plan falls back to SmolLM2 cut into
+a recursive model without training (the text degrades, the schedule is real) and the summary says so.
 
 The knob is the confidence threshold (margin of the top two probabilities) for the early-exit and
 recursive plans, and the capacity of the second recursion (the third gets its square) for MoR.
@@ -44,6 +48,7 @@ class ExploreRun:
     max_depth: int  # depth steps of the plan at full depth
     trace: Trace
     seconds: float
+    model: str = "SmolLM2-135M-Instruct"  # which model the plan ran
 
     @property
     def new_tokens(self) -> int:
@@ -69,6 +74,7 @@ class DepthLab:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens = max_new_tokens or pick(quick=8, full=40)
         self._heads = self._recursive = self._mor = None
+        self.notes: dict[str, str] = {}  # plan -> what model it runs (shown in the summary)
 
     # -- the pieces each plan needs ----------------------------------------------------------------
     def heads(self):
@@ -78,55 +84,68 @@ class DepthLab:
         return self._heads
 
     def recursive(self):
+        """(model, tokenizer, chat): lab:recursive-3, else SmolLM2 cut without training."""
         if self._recursive is None:
-            from .recursive import convert
-            self._recursive = convert(self.model, strategy="middle_cycle", num_recursions=4, init="lower",
-                                      tie_norms=True).model.eval()
+            lab = _lab_model("recursive-3")
+            if lab is not None:
+                self._recursive = (*lab, False)
+                self.notes[RECURSIVE] = "lab:recursive-3 (trained, N_r = 3)"
+            else:
+                from .recursive import convert
+                cut = convert(self.model, strategy="middle_cycle", num_recursions=4, init="lower",
+                              tie_norms=True).model.eval()
+                self._recursive = (cut, self.tokenizer, True)
+                self.notes[RECURSIVE] = "SmolLM2 cut into 4 loops, untrained (lab:recursive-3 is missing)"
         return self._recursive
 
-    def mor(self, capacity: float):
+    def mor(self, capacity: float | None):
+        """(model, tokenizer, chat) of lab:mor-expert-3; ``capacity`` of the second recursion (the third
+        gets its square) recalibrates the router's decode thresholds on its held-out text; None keeps the
+        trained ones."""
         import torch
 
-        from .mor.model import MoRConfig, MoRModel, calibrate_thresholds
+        from .mor.model import calibrate_thresholds
         if self._mor is None:
-            torch.manual_seed(0)
-            config = MoRConfig(self.model.config, kind="expert", num_recursions=3)
-            mor = MoRModel(config).to(device=self.model.device, dtype=self.model.dtype).eval()
-            st = mor.structure
-            keep = list(range(st.prelude + st.block)) + list(range(self.model.config.num_layers - st.coda,
-                                                                    self.model.config.num_layers))
-            state = {k: v for k, v in self.model.state_dict().items() if not k.startswith("layers.")}
-            for new, old in enumerate(keep):
-                state.update({f"layers.{new}.{k}": v for k, v in self.model.layers[old].state_dict().items()})
-            missing, unexpected = mor.load_state_dict(state, strict=False)
-            if unexpected or any(not k.startswith("router.") for k in missing):
-                raise RuntimeError(f"MoR conversion: missing {missing}, unexpected {unexpected}")
-            text = "The quick brown fox jumps over the lazy dog. " * 8
-            self._calibration = torch.tensor([self.tokenizer.encode(text)[:64]], device=self.model.device)
-            self._mor, self._mor_capacity = mor, None
-        if self._mor_capacity != capacity:
-            self._mor.router.config.capacity = [1.0, capacity, capacity * capacity]
-            calibrate_thresholds(self._mor, self._calibration)
+            lab = _lab_model("mor-expert-3")
+            if lab is None:
+                from .checkpoints import model_dir
+                model_dir("mor-expert-3")  # raises the error that says how to train it
+            from .checkpoints import heldout_blocks, model_dir
+            model, tokenizer = lab
+            self._trained = (list(model.router.config.capacity), model.router.threshold.clone())
+            self._calibration = heldout_blocks(model_dir("mor-expert-3"))[:4, :128].to(model.device)
+            self._mor, self._mor_capacity = (model, tokenizer, False), None
+            self.notes[MOR] = "lab:mor-expert-3 (trained router, N_r = 3)"
+        model = self._mor[0]
+        if capacity is None or abs(capacity - self._trained[0][1]) < 1e-6:  # the trained router as it is
+            model.router.config.capacity = list(self._trained[0])
+            model.router.threshold.copy_(self._trained[1])
+            self._mor_capacity = None
+        elif self._mor_capacity != capacity:
+            model.router.config.capacity = [1.0, capacity, capacity * capacity]
+            with torch.no_grad():
+                calibrate_thresholds(model, self._calibration)
             self._mor_capacity = capacity
         return self._mor
 
     # -- one run -----------------------------------------------------------------------------------
     def policy(self, plan: str, knob: float | None):
-        """(model, policy, engine options) of a plan: the explorer picks a policy, never an engine."""
+        """(model, tokenizer, chat, policy, engine options) of a plan: the explorer picks a policy, never an
+        engine."""
         from .engine.policies import CalmExit, ConfidenceLoops, DepthPolicy, FreeDecoding, LoopExit, RoutedDepth
         threshold = 0.5 if knob is None else float(knob)
+        smollm2 = (self.model, self.tokenizer, True)
         if plan == FULL:
-            return self.model, DepthPolicy(), {}
+            return (*smollm2, DepthPolicy(), {})
         if plan == EARLY:
-            return self.model, CalmExit(threshold, [EXIT_LAYER], measure="margin", per_row=True,
-                                        heads=self.heads()), {}
+            return (*smollm2, CalmExit(threshold, [EXIT_LAYER], measure="margin", per_row=True, heads=self.heads()), {})
         if plan == FREE:
-            return self.model, FreeDecoding(EXIT_LAYER, threshold, self.heads()), {}
+            return (*smollm2, FreeDecoding(EXIT_LAYER, threshold, self.heads()), {})
         continuous = {"slots": CDB_SLOTS, "mode": "continuous"}
         if plan == RECURSIVE:
-            return self.recursive(), LoopExit(ConfidenceLoops(threshold)), continuous
+            return (*self.recursive(), LoopExit(ConfidenceLoops(threshold)), continuous)
         if plan == MOR:
-            return self.mor(threshold), RoutedDepth(), continuous
+            return (*self.mor(knob), RoutedDepth(), continuous)
         raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
 
     def run(self, prompts: list[str], plan: str, knob: float | None = None) -> ExploreRun:
@@ -135,12 +154,19 @@ class DepthLab:
         prompts = [p.strip() for p in prompts if p.strip()] or ["Hello!"]
         if plan not in PLANS:
             raise ValueError(f"plan must be one of {PLANS}, got {plan!r}")
-        ids = encode_prompts(self.tokenizer, prompts, chat=True)
-        model, policy, engine = self.policy(plan, knob)
+        model, tokenizer, chat, policy, engine = self.policy(plan, knob)
+        ids = encode_prompts(tokenizer, prompts, chat=chat)
         out, trace = generate_ids(model, ids, self.max_new_tokens, policy=policy, **engine)
-        tokens = [[self.tokenizer.decode([t]) for t in seq] for seq in out]
+        tokens = [[tokenizer.decode([t]) for t in seq] for seq in out]
         depths = [[tt.num_steps for tt in seq] for seq in trace.tokens]
-        return ExploreRun(plan, knob, prompts, tokens, depths, model.num_steps, trace, trace.seconds)
+        return ExploreRun(plan, knob, prompts, tokens, depths, model.num_steps, trace, trace.seconds,
+                          self.notes.get(plan, "SmolLM2-135M-Instruct"))
+
+
+def _lab_model(name: str):
+    """(model, tokenizer) of ``lab:<name>`` seed 0, or None when it is not in the checkpoints."""
+    from .checkpoints import available, load_lab
+    return load_lab(name) if f"{name}@seed0" in available() else None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -167,7 +193,7 @@ def timeline_figure(run: ExploreRun) -> go.Figure:
 def summary_html(run: ExploreRun) -> str:
     return (f"<b>{run.tokens_per_s:.1f} tokens/s</b> ({run.new_tokens} tokens in {run.seconds:.2f} s, "
             f"{len(run.prompts)} request(s)) · <b>{run.mean_depth:.1f}</b> of {run.max_depth} layers per token · "
-            f"batch utilization <b>{run.trace.utilization():.0%}</b>")
+            f"batch utilization <b>{run.trace.utilization():.0%}</b> · model: {run.model}")
 
 
 def _output(fig: go.Figure) -> dict:

@@ -139,5 +139,8 @@ def test_depth_lab_runs_every_plan(smollm2):
         assert explore.timeline_figure(run).data, plan
     full = depth_lab.run(["Hi!"], explore.FULL)
     assert set(full.depths[0]) == {model.num_steps}
+    assert run.model.startswith("lab:mor-expert-3") and "model: lab:mor-expert-3" in explore.summary_html(run)
+    trained = depth_lab.run(["import os"], explore.MOR, None)  # the trained router's own thresholds
+    assert all(1 <= d <= trained.max_depth for seq in trained.depths for d in seq)
     with pytest.raises(ValueError, match="plan must be one of"):
         depth_lab.run(["Hi!"], "nope")
