@@ -100,8 +100,8 @@ class DepthLab:
 
     def mor(self, capacity: float | None):
         """(model, tokenizer, chat) of lab:mor-expert-3; ``capacity`` of the second recursion (the third
-        gets its square) recalibrates the router's decode thresholds on its held-out text; None keeps the
-        trained ones."""
+        gets its square) recalibrates the router's decode thresholds on its held-out text; None, or the
+        slider step nearest the trained capacity, keeps the trained router as it is."""
         import torch
 
         from .mor.model import calibrate_thresholds
@@ -117,7 +117,7 @@ class DepthLab:
             self._mor, self._mor_capacity = (model, tokenizer, False), None
             self.notes[MOR] = "lab:mor-expert-3 (trained router, N_r = 3)"
         model = self._mor[0]
-        if capacity is None or abs(capacity - self._trained[0][1]) < 1e-6:  # the trained router as it is
+        if capacity is None or abs(capacity - self._trained[0][1]) <= 0.025:  # the slider step nearest: as trained
             model.router.config.capacity = list(self._trained[0])
             model.router.threshold.copy_(self._trained[1])
             self._mor_capacity = None
