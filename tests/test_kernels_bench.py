@@ -83,3 +83,13 @@ def test_targets_say_met_or_missed_with_the_measured_figure():
 def test_an_unknown_dtype_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown dtype 'bf17'"):
         bench.run(dtype="bf17")
+
+
+def test_op_traffic_sees_the_reference_read_the_shared_weight_once():
+    x, w = torch.randn(6, 8), torch.randn(5, 8)
+    a, b = torch.randn(2, 2, 8), torch.randn(2, 5, 2)
+    ids, scales = torch.tensor([0, 1, -1, 0, 1, 1]), torch.ones(2)
+    ops = bench.op_traffic(kernels.multi_lora.multi_lora_linear_reference, x, w, None, a, b, ids, scales, watch=w)
+    assert sum(o["reads_watched"] for o in ops) == 1  # one dense matmul over every row
+    assert sum(o["op"] == "mm" for o in ops) == 1 + 2 * 2  # then a shrink and an expand per adapter present
+    assert all(o["bytes"] > 0 for o in ops)

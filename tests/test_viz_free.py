@@ -140,3 +140,12 @@ def test_sweep_dashboard_swaps_heatmaps_and_moves_the_ring():
     assert "application/vnd.plotly.v1+json" in bundle and bundle["text/html"].count("plotly-graph-div") >= 2
     with pytest.raises(ValueError, match="no 'calm' point"):
         SweepDashboard(SWEEP, {0.9: heatmaps[0.2]}, method="calm")
+
+
+def test_sweep_points_show_the_cost_models_speedups_when_they_have_them():
+    points = {"free": [dict(SWEEP["free"][0], predicted_speedup=0.8, ideal_speedup=0.9)] + SWEEP["free"][1:]}
+    trace = free_trace()
+    board = SweepDashboard(points, {0.2: free_token_heatmap(trace, [["a", "b", "c", "d", "e"], ["f", "g"]])},
+                           method="free", threshold=0.2)
+    assert "predicted 0.80x, ideal 0.90x" in board.summary.value
+    assert any("ideal 0.90x" in h for h in board.pareto.data[1].hovertext)

@@ -589,3 +589,40 @@ def format_table(report: dict) -> str:
     for t in report.get("targets", []):
         lines.append(f"{'met ' if t['met'] else 'MISSED'}  {t['target']}: {t['measured']}")
     return "\n".join(lines)
+
+
+VIEW_OPS = {"t", "select", "permute", "view", "_unsafe_view", "transpose", "expand", "slice", "detach", "alias",
+            "unsqueeze", "squeeze", "reshape", "as_strided"}  # no kernel launch: they only re-describe memory
+
+
+def op_traffic(fn: Callable, *args, watch: torch.Tensor | None = None) -> list[dict]:
+    """Run ``fn(*args)`` and list the ATen operations it dispatched (views left out): per op, the bytes of
+    its tensor inputs and outputs (what an unfused eager run moves through memory) and whether it read
+    ``watch`` (e.g. the shared weight). Counts what the reference implementations really do."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def tensors(values):
+        for v in values:
+            if isinstance(v, torch.Tensor):
+                yield v
+            elif isinstance(v, (list, tuple)):
+                yield from tensors(v)
+
+    watched = None if watch is None else watch.untyped_storage().data_ptr()
+    ops: list[dict] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in VIEW_OPS:
+                inputs = list(tensors(list(args) + list((kwargs or {}).values())))
+                outputs = list(tensors([out]))
+                ops.append({"op": name, "bytes": sum(t.numel() * t.element_size() for t in inputs + outputs),
+                            "reads_watched": watched is not None and any(
+                                t.untyped_storage().data_ptr() == watched for t in inputs)})
+            return out
+
+    with Recorder():
+        fn(*args)
+    return ops

@@ -26,7 +26,14 @@ HIGHLIGHT = "#D55E00"  # Okabe-Ito vermillion
 def _hover(method: str, p: dict) -> str:
     layers = f"<br>{p['mean_layers']:.1f} layers per token" if p.get("mean_layers") is not None else ""
     tau = "" if p.get("threshold") is None else f" at threshold {p['threshold']:g}"
-    return f"{method}{tau}<br>speedup {p['speedup']:.2f}x<br>agreement {p['agreement']:.1%}{layers}"
+    return f"{method}{tau}<br>speedup {p['speedup']:.2f}x{_model_speedups(p)}<br>agreement {p['agreement']:.1%}{layers}"
+
+
+def _model_speedups(p: dict) -> str:
+    """The cost model's predicted / ideal speedups of a point, when the sweep has them."""
+    parts = [f"{name} {p[key]:.2f}x" for key, name in (("predicted_speedup", "predicted"), ("ideal_speedup", "ideal"))
+             if p.get(key) is not None]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _point(points: dict[str, list[dict]], method: str, threshold: float) -> dict:
@@ -187,8 +194,8 @@ class SweepDashboard:
         _replace(self.heatmap, self.heatmaps[threshold])
         layers = f", {p['mean_layers']:.1f} layers per token" if p.get("mean_layers") is not None else ""
         self.summary.value = (f"{self.method} at threshold {threshold:g}: <b>{p['speedup']:.2f}x</b> the full "
-                              f"model's speed (measured on {self.where}), <b>{p['agreement']:.1%}</b> agreement"
-                              f"{layers}.")
+                              f"model's speed (measured on {self.where}){_model_speedups(p)}, "
+                              f"<b>{p['agreement']:.1%}</b> agreement{layers}.")
         return p
 
     def _repr_mimebundle_(self, **kwargs):
