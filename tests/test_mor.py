@@ -362,3 +362,11 @@ def test_viz_figures_and_capacity_dashboard():
     assert "loss" in board.summary.value
     with pytest.raises(ValueError, match="expert"):
         CapacityDashboard(token, ids, texts)
+
+
+def test_router_settings_scale_recursions_after_the_first_and_keep_its_own_capacity():
+    from mor_lab.viz.mor import router_settings
+    model = make("expert", capacity=[0.8, 0.5, 0.25]).float()
+    with router_settings(model, capacity_scale=2.0, alpha=0.3) as config:
+        assert config.capacity == [0.8, 1.0, 0.5] and config.alpha == 0.3  # recursion 0 keeps 0.8, not 1
+    assert model.router.config.capacity == [0.8, 0.5, 0.25]  # restored

@@ -1,4 +1,5 @@
 """Figures and the scheduler dashboard of notebooks 03 and 04."""
+import pytest
 import torch
 
 from mor_lab import Decoder
@@ -6,7 +7,8 @@ from mor_lab.engine.plan import LoopStructure
 from mor_lab.models.config import ModelConfig
 from mor_lab.recursive import STRATEGIES, SharingPlan
 from mor_lab.viz.recursive import perplexity_figure, sharing_figure
-from mor_lab.viz.scheduler import DISTRIBUTIONS, SchedulerDashboard, loop_steps
+from mor_lab.viz.scheduler import (DISTRIBUTIONS, SchedulerDashboard, expected_max_loops, loop_steps, static_step_loops,
+                                   token_loops)
 
 
 def test_sharing_figure_draws_every_step_at_its_physical_layer_colored_by_loop():
@@ -75,3 +77,17 @@ def test_rank_dashboard_follows_the_slider_with_the_measured_residual():
     assert curves.left(16) < curves.left(2)
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle and "text/html" in bundle
+
+
+def test_static_batching_pays_the_deepest_token_of_every_step():
+    model, structure = _tiny()
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11], [12], [13, 14]]
+    board = SchedulerDashboard(model, prompts, max_new_tokens=4, slots=2)
+    (_, static_trace), (_, cdb_trace) = board.runs.values()
+    depths = token_loops(static_trace, structure)
+    assert depths == token_loops(cdb_trace, structure) and all(1 <= d <= 4 for seq in depths for d in seq)
+    assert loop_steps(static_trace) == sum(static_step_loops(depths, 2))
+    assert static_step_loops([[1, 3], [2, 1], [4]], 2) == [2, 3, 4]
+    assert expected_max_loops([0.4, 0.3, 0.2, 0.1], 1) == pytest.approx(2.0)  # one row: the mean
+    assert expected_max_loops([0.4, 0.3, 0.2, 0.1], 4) == pytest.approx(1 + (1 - .4 ** 4) + (1 - .7 ** 4) + (1 - .9 ** 4))
+    assert expected_max_loops([0, 0, 0, 1], 8) == pytest.approx(4.0)

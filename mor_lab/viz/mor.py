@@ -109,13 +109,14 @@ def throughput_figure(report: dict) -> go.Figure:
 # -------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def router_settings(model, capacity_scale: float | None = None, alpha: float | None = None):
-    """Temporarily scale an expert-choice model's capacities (recursion 0 stays 1) and/or set alpha."""
+    """Temporarily scale an expert-choice model's capacities of recursions 1.. (recursion 0 keeps the model's
+    own) and/or set alpha."""
     router = model.router
     saved = router.config
     config = saved
     if capacity_scale is not None:
-        config = dataclasses.replace(config, capacity=[1.0] + [min(1.0, c * capacity_scale)
-                                                               for c in saved.capacity[1:]])
+        config = dataclasses.replace(config, capacity=list(saved.capacity[:1]) + [
+            min(1.0, c * capacity_scale) for c in saved.capacity[1:]])
     if alpha is not None:
         config = dataclasses.replace(config, alpha=alpha)
     router.config = config

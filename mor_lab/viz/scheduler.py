@@ -32,6 +32,33 @@ def loop_steps(trace: Trace) -> int:
     return sum(1 for s in trace.engine_steps if s.kind.startswith("loop"))
 
 
+def token_loops(trace: Trace, structure) -> list[list[int]]:
+    """Loops each decoded token ran, per request (the first token, from prefill, left out: prefill runs
+    every loop)."""
+    st = structure
+    return [[(len(t.steps) - st.prelude - st.coda) // st.block for t in seq[1:]] for seq in trace.tokens]
+
+
+def static_step_loops(loops: list[list[int]], slots: int) -> list[int]:
+    """The loops static batching runs at each decode step: the deepest token of the step, requests taken
+    in groups of ``slots`` (each group decodes together until its longest request ends)."""
+    out = []
+    for g in range(0, len(loops), slots):
+        group = loops[g:g + slots]
+        out += [max(seq[i] for seq in group if i < len(seq)) for i in range(max(map(len, group)))]
+    return out
+
+
+def expected_max_loops(probs: list[float], rows: int) -> float:
+    """Expected loops of the deepest of ``rows`` tokens whose exits are drawn independently from ``probs``
+    (exit after loop 1, 2, ...): the sum over k of P(max >= k) = 1 - P(every row exits before loop k)."""
+    total, before = 0.0, 0.0
+    for p in probs:
+        total += 1 - before ** rows
+        before += p
+    return total
+
+
 def scheduler_runs(model, prompts: list[list[int]], max_new_tokens: int, slots: int, probs: list[float],
                    seed: int = 0) -> dict[str, tuple[list, Trace]]:
     """Both modes of the engine on the same requests and the same per-token exit depths."""
