@@ -5,7 +5,10 @@ An exit "after k layers" reads the hidden state after ``k`` depth steps (``hidde
 model's own final norm + LM head applied to ``adapter(hidden[k])``, as in FREE and CALM, which reuse
 the head. The adapter is a residual linear map ``h + W h + b`` (optionally low rank), zero-initialised
 so that an untrained exit head *is* the plain logit lens; training it against the full model is the
-"tuned lens" idea (Belrose et al., 2023). Each exit also owns a :class:`MetaClassifier` for the
+"tuned lens" idea (Belrose et al., 2023). The ``block`` adapter is one decoder layer initialised from
+the model's last layer (untrained, the exit reads "the last layer applied at depth k"): it attends over
+the earlier tokens' exit states, so it trains on whole sequences and, at decode time, keeps its own KV
+page in the engine (``engine/policies/exits.py``). Each exit also owns a :class:`MetaClassifier` for the
 ``meta`` confidence measure.
 
 FREE uses one shallow exit (``exit_layers=[L_S]``, see :func:`free_shallow_layers`); CALM may use many.
@@ -26,13 +29,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..models.config import DictConfig
+from ..models.config import DictConfig, ModelConfig
+from ..models.decoder import DecoderLayer
 from ..train.loop import Cycle, LoopConfig, OptimConfig, RowStream, TrainLog, fit, make_accelerator, only_training
 from ..train.losses import (FREE_KD_KINDS, IGNORE_INDEX, calm_loss, free_loss, kl_distill, meta_loss,
                             next_token_targets)
 from .confidence import MEASURES, MetaClassifier, confidence
 
-ADAPTERS = ("none", "linear")
+ADAPTERS = ("none", "linear", "block")
 OBJECTIVES = ("free", "calm")
 
 # FREE's reference code maps shallow layer j to a deep "teacher" layer with a hand-made table
@@ -69,7 +73,8 @@ def free_layer_map(num_layers: int, shallow_layers: int) -> list[int]:
 class ExitConfig(DictConfig):
     """Where tokens may exit and how an exit reads out its prediction."""
     exit_layers: list[int]  # exit after this many depth steps, e.g. FREE's [L_S]; the full depth is implicit
-    adapter: str = "linear"  # "none": the plain logit lens; "linear": residual h + W h + b, zero-initialised
+    adapter: str = "linear"  # "none": the logit lens; "linear": residual h + W h + b, zero-initialised;
+    # "block": a decoder layer initialised from the model's last layer (attends: needs sequences or the engine's KV)
     adapter_rank: int | None = None  # None: a full d x d map; r: h + up(down(h)) through r dimensions
     measure: str = "margin"  # the confidence measure an exit uses (FREE's default)
 
@@ -117,22 +122,43 @@ class ResidualAdapter(nn.Module):
 
 
 class ExitHeads(nn.Module):
-    """One adapter and one meta classifier per exit of a (usually frozen) backbone."""
+    """One adapter and one meta classifier per exit of a (usually frozen) backbone.
 
-    def __init__(self, config: ExitConfig, hidden_size: int, seed: int = 0):
+    ``model_config``: the backbone's config, needed to build ``block`` adapters (one decoder layer each)."""
+
+    def __init__(self, config: ExitConfig, hidden_size: int, seed: int = 0, model_config: ModelConfig | None = None):
         super().__init__()
-        self.config, self.hidden_size = config, hidden_size
+        self.config, self.hidden_size, self.model_config = config, hidden_size, model_config
         generator = torch.Generator().manual_seed(seed)
         names = [str(k) for k in config.exit_layers]
-        self.adapters = nn.ModuleDict() if config.adapter == "none" else nn.ModuleDict(
-            {k: ResidualAdapter(hidden_size, config.adapter_rank, generator) for k in names})
+        if config.adapter == "block":
+            if model_config is None or model_config.hidden_size != hidden_size:
+                raise ValueError("adapter='block' needs the model's config (model_config=model.config): "
+                                 "use ExitHeads.for_model(model, config)")
+            self.adapters = nn.ModuleDict({k: DecoderLayer(model_config) for k in names})
+        else:
+            self.adapters = nn.ModuleDict() if config.adapter == "none" else nn.ModuleDict(
+                {k: ResidualAdapter(hidden_size, config.adapter_rank, generator) for k in names})
         self.meta = nn.ModuleDict({k: MetaClassifier(hidden_size) for k in names})
 
     @classmethod
     def for_model(cls, model, config: ExitConfig, seed: int = 0) -> "ExitHeads":
-        heads = cls(config, model.config.hidden_size, seed)
+        """Heads for ``model``; every exit block starts as a copy of the layer of the model's last depth step."""
+        heads = cls(config, model.config.hidden_size, seed, model.config)
         heads.check(model)
-        return heads.to(model.device)
+        last = model.layers[model.plan[-1]].state_dict()
+        for block in heads.adapters.values() if heads.attends else ():
+            block.load_state_dict(last)
+        return heads.to(model.device, model.dtype) if heads.attends else heads.to(model.device)
+
+    @property
+    def attends(self) -> bool:
+        """The adapters are exit blocks: they read earlier tokens, so they run on sequences (or with KV)."""
+        return self.config.adapter == "block"
+
+    def block(self, exit_layer: int) -> DecoderLayer | None:
+        """The exit block after ``exit_layer`` steps (None for other adapters)."""
+        return self.adapters[self._key(exit_layer)] if self.attends else None
 
     @property
     def exit_layers(self) -> list[int]:
@@ -153,13 +179,25 @@ class ExitHeads(nn.Module):
             raise ValueError(f"no exit after {exit_layer} layers; exits: {self.exit_layers}")
         return str(exit_layer)
 
-    def adapt(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+    def adapt(self, hidden: torch.Tensor, exit_layer: int, model=None) -> torch.Tensor:
+        """What the head reads at this exit. An exit block needs whole sequences ``[B, T, d]`` (causal, no
+        cache, positions 0..T-1) and ``model`` for the rotary embedding; packed decode tokens run it
+        through the engine instead (``ctx.side_layer``), which keeps its KV."""
         key = self._key(exit_layer)
-        return self.adapters[key](hidden) if key in self.adapters else hidden
+        if key not in self.adapters:
+            return hidden
+        if not self.attends:
+            return self.adapters[key](hidden)
+        if hidden.dim() != 3 or model is None:
+            raise ValueError("an exit block attends over earlier tokens: pass sequences [B, T, d] and the model "
+                             "(decoding runs it through the engine's policies, with its own KV cache)")
+        B, T = hidden.shape[:2]
+        rope = model.rope(torch.arange(T, device=hidden.device).expand(B, T))
+        return self.adapters[key](hidden, rope)
 
     def logits(self, model, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
         """The exit's logits: ``model.head(adapter(hidden))``, the model's own final norm + LM head."""
-        return model.head(self.adapt(hidden, exit_layer))
+        return model.head(self.adapt(hidden, exit_layer, model))
 
     def confidence(self, exit_layer: int, hidden: torch.Tensor, model=None, logits: torch.Tensor | None = None,
                    prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,9 +215,10 @@ class ExitHeads(nn.Module):
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+        save_file({k: v.detach().cpu().clone() for k, v in self.state_dict().items()},  # fused views share storage
                   str(directory / "exit_heads.safetensors"))
-        meta = {"config": self.config.to_dict(), "hidden_size": self.hidden_size}
+        meta = {"config": self.config.to_dict(), "hidden_size": self.hidden_size,
+                "model_config": None if self.model_config is None else self.model_config.to_dict()}
         (directory / "exit_heads.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -187,7 +226,9 @@ class ExitHeads(nn.Module):
         from safetensors.torch import load_file
         directory = Path(directory)
         meta = json.loads((directory / "exit_heads.json").read_text())
-        heads = cls(ExitConfig.from_dict(meta["config"]), meta["hidden_size"])
+        model_config = meta.get("model_config")
+        heads = cls(ExitConfig.from_dict(meta["config"]), meta["hidden_size"],
+                    model_config=None if model_config is None else ModelConfig.from_dict(model_config))
         heads.load_state_dict(load_file(str(directory / "exit_heads.safetensors")))
         return heads.to(device) if device else heads
 
@@ -197,14 +238,57 @@ class ExitHeads(nn.Module):
 
 @dataclass
 class ExitCache:
-    """What training exit heads needs from a frozen backbone, one row per token."""
+    """What training exit heads needs from a frozen backbone, one row per token, sequence after sequence."""
     exits: dict[int, torch.Tensor]  # exit layer -> [N, d] hidden state after that many depth steps
     final: torch.Tensor  # [N, d] the last depth step's hidden state (before the final norm)
     targets: torch.Tensor  # [N] the next token, IGNORE_INDEX at the end of each block
+    lengths: list[int] = field(default_factory=list)  # tokens of each sequence (exit blocks run whole sequences)
+    scored: torch.Tensor | None = None  # [N] bool: rows that train and are scored (a continuation); None: all
+
+    def __post_init__(self):
+        if not self.lengths:
+            self.lengths = [self.num_tokens]
+        if self.scored is None:
+            self.scored = torch.ones(self.num_tokens, dtype=torch.bool, device=self.final.device)
 
     @property
     def num_tokens(self) -> int:
         return self.final.shape[0]
+
+    @property
+    def num_scored(self) -> int:
+        return int(self.scored.sum())
+
+    def batch_rows(self, heads: "ExitHeads", batch: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """A batch of indices (scored rows; whole sequences for exit blocks) as (the scored rows it scores,
+        the (start, length) spans the adapters must run: one per sequence for blocks, else none)."""
+        if not heads.attends:
+            return self.scored.nonzero().squeeze(1)[batch.to(self.scored.device)], []
+        starts = torch.tensor([0] + self.lengths).cumsum(0).tolist()
+        spans = [(starts[i], self.lengths[i]) for i in batch.tolist()]
+        rows = torch.cat([torch.arange(a, a + n) for a, n in spans]).to(self.scored.device)
+        return rows[self.scored[rows]], spans
+
+    def num_batches_of(self, heads: "ExitHeads") -> int:
+        """How many things a batch index ranges over: scored rows, or sequences for exit blocks."""
+        return len(self.lengths) if heads.attends else self.num_scored
+
+
+def cached_exit_logits(model, heads: "ExitHeads", cache: ExitCache, batch: torch.Tensor):
+    """(rows, {exit: logits of those rows}) for a batch of ``cache``: one implementation for training and
+    evaluation. Exit blocks run each sampled sequence whole, so every scored row sees its earlier tokens."""
+    rows, spans = cache.batch_rows(heads, batch)
+    device = model.device
+    logits = {}
+    for k in heads.exit_layers:
+        states = cache.exits[k]
+        if spans:
+            adapted = torch.cat([heads.adapt(states[a:a + n].to(device)[None], k, model)[0] for a, n in spans])
+            keep = cache.scored[torch.cat([torch.arange(a, a + n) for a, n in spans]).to(cache.scored.device)]
+            logits[k] = model.head(adapted[keep.to(device)])
+        else:
+            logits[k] = heads.logits(model, states[rows].to(device), k)
+    return rows, logits
 
 
 def _blocks(tokens) -> Iterable[torch.Tensor]:
@@ -217,15 +301,18 @@ def _blocks(tokens) -> Iterable[torch.Tensor]:
 
 
 @torch.no_grad()
-def cache_exit_states(model, tokens, exit_layers: list[int], progress: bool = False) -> ExitCache:
+def cache_exit_states(model, tokens, exit_layers: list[int], progress: bool = False,
+                      scored_from: list[int] | None = None) -> ExitCache:
     """Run the frozen ``model`` once over ``tokens`` and keep the hidden states at ``exit_layers`` and the last.
 
+    ``scored_from``: per sequence (every row of every block, in order), the first position that trains
+    and is scored, e.g. a continuation's first token after its prompt (default: every position).
     ``no_grad`` rather than ``inference_mode``: the cached tensors later feed trainable adapters.
     """
     wanted = set(exit_layers)
     if any(k < 1 or k >= model.num_steps for k in wanted):
         raise ValueError(f"exit_layers {sorted(exit_layers)} must be in [1, {model.num_steps})")
-    exits, finals, targets = {k: [] for k in wanted}, [], []
+    exits, finals, targets, lengths, scored = {k: [] for k in wanted}, [], [], [], []
     blocks = _blocks(tokens)
     if progress:
         from tqdm.auto import tqdm
@@ -241,9 +328,16 @@ def cache_exit_states(model, tokens, exit_layers: list[int], progress: bool = Fa
                 exits[step + 1].append(h.reshape(B * T, -1))
         finals.append(h.reshape(B * T, -1))
         targets.append(next_token_targets(ids).reshape(-1))
+        first = [0] * B if scored_from is None else scored_from[len(lengths):len(lengths) + B]
+        if len(first) != B:
+            raise ValueError(f"scored_from has {len(scored_from)} entries, fewer than the sequences given")
+        scored.append((torch.arange(T, device=ids.device)[None] >= torch.tensor(first, device=ids.device)[:, None])
+                      .reshape(-1))
+        lengths += [T] * B
     if not finals:
         raise ValueError("cache_exit_states got no token blocks")
-    return ExitCache({k: torch.cat(v) for k, v in sorted(exits.items())}, torch.cat(finals), torch.cat(targets))
+    return ExitCache({k: torch.cat(v) for k, v in sorted(exits.items())}, torch.cat(finals), torch.cat(targets),
+                     lengths, torch.cat(scored))
 
 
 @dataclass
@@ -303,13 +397,14 @@ class _ExitObjective(nn.Module):
             targets = next_token_targets(ids)
             deep_logits, hidden = model(ids, return_hidden=True)
             exit_hidden = {k: hidden[k] for k in heads.exit_layers}
-        else:  # batch: row indices into the cache
-            cache, idx, hidden = self.cache, batch.to(self.cache.final.device), None
+            exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
+        else:  # batch: indices of scored rows (of sequences, for exit blocks) into the cache
+            cache, hidden = self.cache, None
+            idx, exit_logits = cached_exit_logits(model, heads, cache, batch)
             targets = cache.targets[idx].to(model.device)
             with torch.no_grad():
                 deep_logits = model.head(cache.final[idx].to(model.device))
             exit_hidden = {k: cache.exits[k][idx].to(model.device) for k in heads.exit_layers}
-        exit_logits = {k: heads.logits(model, h, k) for k, h in exit_hidden.items()}
         loss = exit_objective(self.objective, exit_logits, deep_logits, targets, model.num_steps, self.alpha,
                               self.kd, self.temperature, hidden, norm=model.norm)  # FREE's code: the final norm
         metrics, total = {"objective": loss.detach()}, loss
@@ -369,14 +464,17 @@ def train_exit_heads(model, heads: ExitHeads, data, *, steps: int = 100, lr: flo
         missing = set(heads.exit_layers) - set(cache.exits)
         if missing:
             raise ValueError(f"the cache has no hidden states for exits {sorted(missing)}")
-        batches, freeze = RowStream(cache.num_tokens, batch_tokens, seed), only_training(model)
+        per_batch = batch_tokens
+        if heads.attends:  # whole sequences: about batch_tokens scored tokens a step
+            per_batch = max(1, round(batch_tokens * len(cache.lengths) / max(1, cache.num_scored)))
+        batches, freeze = RowStream(cache.num_batches_of(heads), per_batch, seed), only_training(model)
     trainer = _ExitObjective(model, heads, cache, objective, alpha, kd, temperature, train_meta, full_finetune)
     config = LoopConfig(steps=steps, seed=seed, precision=precision, checkpoint_every=checkpoint_every,
                         optim=OptimConfig(lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, warmup=0.0,
                                           decay=0.0, max_grad_norm=None))
     run = {"heads": heads.config.to_dict(), "objective": objective, "alpha": alpha, "kd": kd,
            "temperature": temperature, "train_meta": train_meta, "full_finetune": full_finetune,
-           "batch_tokens": batch_tokens, "tokens": cache.num_tokens if cache is not None else None,
+           "batch_tokens": batch_tokens, "tokens": cache.num_scored if cache is not None else None,
            **(run_config or {})}
     with freeze:
         log = fit(trainer, params, batches, lambda module, batch, step: module(batch), config,
@@ -403,23 +501,26 @@ class ExitMetrics:
 
 @torch.no_grad()
 def evaluate_exit_heads(model, heads: ExitHeads, cache: ExitCache, batch_tokens: int = 512) -> dict[int, ExitMetrics]:
-    """Agreement with the full model, CE and KL at every exit, over all tokens of ``cache``."""
+    """Agreement with the full model, CE and KL at every exit, over the scored tokens of ``cache``."""
     heads.check(model)
     sums = {k: torch.zeros(3, dtype=torch.float64) for k in heads.exit_layers}
     scored = 0
-    for i in range(0, cache.num_tokens, batch_tokens):
-        final = cache.final[i:i + batch_tokens].to(model.device)
-        targets = cache.targets[i:i + batch_tokens].to(model.device)
+    total = cache.num_batches_of(heads)
+    step = max(1, batch_tokens * total // max(1, cache.num_scored))  # about batch_tokens scored rows at a time
+    for i in range(0, total, step):
+        rows, exit_logits = cached_exit_logits(model, heads, cache, torch.arange(i, min(total, i + step)))
+        final = cache.final[rows].to(model.device)
+        targets = cache.targets[rows].to(model.device)
         deep = model.head(final)
         n_scored = int((targets != IGNORE_INDEX).sum())
         scored += n_scored
         for k in heads.exit_layers:
-            logits = heads.logits(model, cache.exits[k][i:i + batch_tokens].to(model.device), k)
+            logits = exit_logits[k]
             agree = (logits.argmax(-1) == deep.argmax(-1)).sum()
             ce = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX,
                                                    reduction="sum")
             kl = kl_distill(logits, deep) * len(final)
             sums[k] += torch.stack([agree.double(), ce.double(), kl.double()]).cpu()
-    n = cache.num_tokens
+    n = cache.num_scored
     return {k: ExitMetrics(agreement=float(s[0] / n), ce=float(s[1] / max(1, scored)), kl=float(s[2] / n), tokens=n)
             for k, s in sums.items()}

@@ -24,7 +24,7 @@ from ...early_exit.confidence import exits
 from ...early_exit.threshold import AdaptiveThreshold
 from ..tokens import Tokens
 from .base import DepthPolicy, Exit
-from .exits import check_exit, exit_confidence
+from .exits import ExitBlocks, check_exit, exit_confidence, exit_logits
 
 
 class FreeDecoding(DepthPolicy):
@@ -49,6 +49,7 @@ class FreeDecoding(DepthPolicy):
         self.model, ls, d = model, self.shallow_layer, model.config.hidden_size
         self.segments, self.finish = [range(ls), range(ls, model.num_steps)], range(model.num_steps, model.num_steps)
         self.labels = ["shallow", "deep"]
+        self.blocks = ExitBlocks(model, self.heads, [ls])
         device = model.device
         # The stacks, as tensors: row r holds its deferred tokens' state, confidence, shallow argmax, position.
         self.stack_h = torch.zeros(rows, capacity, d, device=device, dtype=model.dtype)
@@ -61,6 +62,9 @@ class FreeDecoding(DepthPolicy):
             self.adaptive.refit()
         return self
 
+    def extra_pages(self):
+        return len(self.blocks)
+
     def admit(self, rows):
         self.stack_n[rows] = 0
 
@@ -70,11 +74,14 @@ class FreeDecoding(DepthPolicy):
             self.adaptive.refit()  # a sequence finished: the next sample starts with a refitted threshold
 
     def decide(self, tokens, h, ctx):
+        self.blocks.run(tokens, h, ~ctx.final, self.shallow_layer, ctx)  # prompt tokens fill its KV too
         decoding = ~tokens.prefill & ~ctx.final
         if not bool(decoding.any()):
             return None
         rows = decoding.nonzero().squeeze(1)
-        conf, shallow = exit_confidence(self.model, self.heads, h[rows], self.shallow_layer, self.measure, ctx)
+        adapted = self.blocks.adapted(tokens, rows, self.shallow_layer)
+        conf, shallow = exit_confidence(self.model, self.heads, h[rows], self.shallow_layer, self.measure, ctx,
+                                        adapted=adapted)
         sure = exits(conf, self.threshold)
         leave = torch.zeros_like(decoding)
         leave[rows] = sure
@@ -83,9 +90,9 @@ class FreeDecoding(DepthPolicy):
             logits = shallow.new_zeros(len(tokens), shallow.shape[-1])
             logits[rows] = shallow
         elif bool(sure.any()):
-            from .exits import exit_logits
             logits = h.new_zeros(len(tokens), self.model.config.vocab_size)
-            logits[rows[sure]] = exit_logits(self.model, self.heads, h[rows[sure]], self.shallow_layer)
+            logits[rows[sure]] = exit_logits(self.model, self.heads, h[rows[sure]], self.shallow_layer,
+                                             None if adapted is None else adapted[sure])
         # Confident tokens are deferred: push (state, confidence, shallow argmax, position) on their row's stack.
         pushed = rows[sure]
         if len(pushed):
@@ -114,13 +121,7 @@ class FreeDecoding(DepthPolicy):
         return out
 
     def head_input(self, tokens, h):
-        if self.heads is None:
-            return h
-        out = h.clone()
-        shallow = tokens.seg == 0
-        if bool(shallow.any()):
-            out[shallow] = self.heads.adapt(h[shallow], self.shallow_layer)
-        return out
+        return self.blocks.head_input(tokens, h, [(0, self.shallow_layer)])
 
     def observe(self, tokens, logits, ctx):
         if not self.calibrate or "free_conf" not in tokens.extra:
