@@ -266,38 +266,102 @@ def run_uptrain(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: b
 # ---------------------------------------------------------------------------------------------------
 # Exit heads of SmolLM2
 
+# data="chat": the heads train on SmolLM2's own greedy continuations of chat prompts built from the corpus
+# (the distribution decoding sees) and are scored on its continuations of the benchmark's chat prompts
+# (held out: no training prompt comes from them); data="corpus": raw corpus blocks, as before.
 EXIT_SIZES = {
-    "quick": dict(model="smollm2", corpus="pydoc", exit_layers=[8], adapter="linear", train_tokens=1024,
-                  eval_tokens=256, block=128, steps=12, lr=1e-3, batch_tokens=128, checkpoint_every=0,
-                  precision="fp32"),
-    "full": dict(model="smollm2", corpus="pydoc", exit_layers=[12, 16, 20, 24], adapter="linear",
-                 train_tokens=32768, eval_tokens=4096, block=128, steps=400, lr=1e-3, batch_tokens=256,
-                 checkpoint_every=100, precision="fp32"),
+    "quick": dict(model="smollm2", corpus="pydoc", data="corpus", exit_layers=[8], adapter="linear",
+                  train_tokens=1024, eval_tokens=256, block=128, train_prompts=4, eval_prompts=2, new_tokens=16,
+                  steps=12, lr=1e-3, batch_tokens=128, checkpoint_every=0, precision="fp32"),
+    "full": dict(model="smollm2", corpus="pydoc", data="chat", exit_layers=[12, 16, 20, 24], adapter="linear",
+                 train_tokens=32768, eval_tokens=4096, block=128, train_prompts=256, eval_prompts=16, new_tokens=96,
+                 steps=400, lr=1e-3, batch_tokens=256, checkpoint_every=100, precision="fp32"),
 }
+EXIT_DATA = ("corpus", "chat")
+
+
+def corpus_chat_prompts(corpus, count: int, seed: int = 0) -> list[str]:
+    """``count`` user messages asking about passages of ``corpus`` (one paragraph each, 80-400 characters),
+    in a seeded order: chat prompts of the kind a user sends, built offline."""
+    import random
+    paragraphs = sorted({" ".join(p.split()) for p in corpus.split("\n\n")})
+    paragraphs = [p for p in paragraphs if 80 <= len(p) <= 400 and p[0].isalpha()]
+    if len(paragraphs) < count:
+        raise ValueError(f"the corpus has {len(paragraphs)} usable paragraphs, fewer than {count} prompts")
+    random.Random(seed).shuffle(paragraphs)
+    return [f"Explain this passage from the Python documentation in simple words:\n\n{p}"
+            for p in paragraphs[:count]]
+
+
+@torch.no_grad()
+def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, batch: int = 64,
+                         progress: bool = False) -> list[list[int]]:
+    """Chat-templated ``prompts`` followed by the model's own greedy continuation (EOS off, as the
+    benchmarks decode), one id list per prompt; cached on disk by model, prompts and length."""
+    import hashlib
+    from ..early_exit.recipes import model_fingerprint
+    from ..engine.generate import encode_prompts, generate_ids
+    from ..models.hf import cache_root
+    prompt_ids = encode_prompts(tokenizer, prompts, chat=True)
+    key = hashlib.sha256(json.dumps([model_fingerprint(model), new_tokens, prompt_ids]).encode()).hexdigest()[:16]
+    path = cache_root() / "exit_continuations" / f"{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    out, chunks = [], range(0, len(prompt_ids), batch)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc="greedy continuations", unit="batch")
+    for i in chunks:
+        part = prompt_ids[i:i + batch]
+        ids, _ = generate_ids(model, part, new_tokens, eos_token_ids=[], slots=len(part))
+        out += [p + c for p, c in zip(part, ids)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def _exit_data(model, tokenizer, params: dict, seed: int, progress: bool):
+    """(training sequences, held-out sequences, first scored position of each, or None: all): token blocks
+    of the corpus, or prompt + greedy continuation where only the continuation trains and is scored."""
+    from ..bench.early_exit import CHAT_PROMPTS
+    from ..train.data import load_corpus, tokenize
+    corpus, block = load_corpus(params["corpus"]), params["block"]
+    if params["data"] not in EXIT_DATA:
+        raise ValueError(f"unknown data {params['data']!r}; allowed: {', '.join(EXIT_DATA)}")
+    if params["data"] == "chat":
+        if params["eval_prompts"] > len(CHAT_PROMPTS):
+            raise ValueError(f"eval_prompts must be <= {len(CHAT_PROMPTS)} (the benchmark's chat prompts)")
+        prompts = corpus_chat_prompts(corpus.train, params["train_prompts"], seed)
+        train = greedy_continuations(model, tokenizer, prompts, params["new_tokens"], progress=progress)
+        test = greedy_continuations(model, tokenizer, CHAT_PROMPTS[: params["eval_prompts"]], params["new_tokens"],
+                                    progress=progress)
+        device = model.device
+        return ([torch.tensor([s], device=device) for s in train], [torch.tensor([s], device=device) for s in test],
+                [len(s) - params["new_tokens"] for s in train], [len(s) - params["new_tokens"] for s in test])
+    train_ids = tokenize(tokenizer, corpus.train)[: params["train_tokens"]]
+    if train_ids.numel() < block:
+        raise ValueError(f"corpus {params['corpus']!r} gave {train_ids.numel()} training tokens: fewer than one "
+                         f"block of {block}")
+    train_blocks = train_ids[: train_ids.numel() // block * block].view(-1, block).to(model.device)
+    heldout = _heldout(tokenize(tokenizer, corpus.validation), params["eval_tokens"], block).to(model.device)
+    return list(train_blocks.split(8)), list(heldout.split(8)), None, None
 
 
 def run_exit_heads(recipe: Recipe, params: dict, *, seed: int, out: Path, resume: bool, progress: bool,
                    accelerator=None, command: str | None = None) -> dict:
     from ..early_exit.heads import ExitConfig, ExitHeads, cache_exit_states, evaluate_exit_heads, train_exit_heads
     from ..models.hf import load_pretrained
-    from ..train.data import load_corpus, tokenize
     accelerator = _accelerator(accelerator)
     model, tokenizer = load_pretrained(None if params["model"] == "smollm2" else params["model"],
                                        device=accelerator.device)
-    corpus = load_corpus(params["corpus"])
-    block = params["block"]
-    train_ids = tokenize(tokenizer, corpus.train)[: params["train_tokens"]]
-    if train_ids.numel() < block:
-        raise ValueError(f"corpus {params['corpus']!r} gave {train_ids.numel()} training tokens: fewer than one "
-                         f"block of {block}")
-    train_blocks = train_ids[: train_ids.numel() // block * block].view(-1, block).to(accelerator.device)
-    heldout = _heldout(tokenize(tokenizer, corpus.validation), params["eval_tokens"], block).to(accelerator.device)
+    train, test, train_from, test_from = _exit_data(model, tokenizer, params, seed, progress)
     heads = ExitHeads.for_model(model, ExitConfig(exit_layers=list(params["exit_layers"]), adapter=params["adapter"]),
                                 seed=seed)
-    test_cache = cache_exit_states(model, heldout.split(8), heads.exit_layers)
+    train_cache = cache_exit_states(model, train, heads.exit_layers, progress, scored_from=train_from)
+    test_cache = cache_exit_states(model, test, heads.exit_layers, scored_from=test_from)
     lens = evaluate_exit_heads(model, heads, test_cache)
     run = {"recipe": recipe.name, "params": params, "seed": seed}
-    history = train_exit_heads(model, heads, list(train_blocks.split(8)), steps=params["steps"], lr=params["lr"],
+    history = train_exit_heads(model, heads, train_cache, steps=params["steps"], lr=params["lr"],
                                batch_tokens=params["batch_tokens"], seed=seed, progress=progress, checkpoint=out,
                                resume=resume, checkpoint_every=params["checkpoint_every"],
                                precision=params["precision"], accelerator=accelerator, command=command,
@@ -306,8 +370,8 @@ def run_exit_heads(recipe: Recipe, params: dict, *, seed: int, out: Path, resume
     if accelerator.is_main_process:
         tuned = evaluate_exit_heads(model, heads, test_cache)
         summary = {"heldout": {str(k): dataclasses.asdict(m) for k, m in tuned.items()},
-                   "logit_lens": {str(k): dataclasses.asdict(m) for k, m in lens.items()},
-                   "minutes": history.seconds / 60}
+                   "init": {str(k): dataclasses.asdict(m) for k, m in lens.items()},
+                   "train_tokens": train_cache.num_scored, "minutes": history.seconds / 60}
         history.log.result = summary
         history.log.save(out / "train.json")
     accelerator.wait_for_everyone()
