@@ -97,3 +97,18 @@ def test_cost_figures_draw_what_the_cost_model_says():
     assert rows["half"]["speedup"] == 1.0 and rows["half"]["fraction_of_ideal"] < 0.55  # half-full passes: no gain
     fig = run_cost_figure(cost, {"full": a, "half": b})
     assert {t.name for t in fig.data} >= {"layer passes", "LM-head calls", "measured", "ideal (every pass full)"}
+
+
+def test_a_memory_budget_rules_out_the_prepacked_copy(monkeypatch):
+    """Binder's 2 GB (binder/start sets MOR_LAB_MEMORY_MB): no room for four times the weights, no copy."""
+    from mor_lab.engine.cost import memory_allows_copy
+    monkeypatch.setenv("MOR_LAB_MEMORY_MB", "100000")
+    assert memory_allows_copy(2**20)  # 1 MB fits a 100 GB budget (and this machine)
+    monkeypatch.setenv("MOR_LAB_MEMORY_MB", "2048")
+    assert not memory_allows_copy(513 * 2**20)  # SmolLM2 in fp32 beside this process
+    monkeypatch.setenv("MOR_LAB_MEMORY_MB", "2 GB")
+    with pytest.raises(ValueError, match="MOR_LAB_MEMORY_MB"):
+        memory_allows_copy(2**20)
+    monkeypatch.delenv("MOR_LAB_MEMORY_MB")
+    monkeypatch.setenv("MOR_LAB_PACKED_WEIGHTS", "0")
+    assert not memory_allows_copy(1)

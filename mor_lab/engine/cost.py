@@ -350,16 +350,19 @@ def measure_layouts(model, reps: int = 3, max_rows: int = 64) -> tuple[tuple, tu
 
 
 def memory_allows_copy(nbytes: int) -> bool:
-    """Is there room for ``nbytes`` more (with the same again spare)? Reads the container's limit (cgroup)
-    and the machine's available memory; ``MOR_LAB_PACKED_WEIGHTS=0`` says no."""
+    """Is there room for a prepacked copy of the weights (``nbytes``)? It needs four times ``nbytes``: the
+    weights themselves (memory-mapped safetensors count once touched), the copy, the fused q/k/v and
+    gate/up buffers (up to one more), and as much again for activations and KV. Reads the container's
+    limit (cgroup), ``MOR_LAB_MEMORY_MB`` (a budget for this process, e.g. Binder's 2 GB, which
+    binder/start sets) and the machine's available memory; ``MOR_LAB_PACKED_WEIGHTS=0`` says no."""
     import os
     if os.environ.get("MOR_LAB_PACKED_WEIGHTS", "1").strip().lower() in ("0", "false", "no"):
         return False
-    available = None
+    room = []
     try:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
+                room.append(int(line.split()[1]) * 1024)
     except OSError:
         return False
     for limit_path, used_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
@@ -370,9 +373,23 @@ def memory_allows_copy(nbytes: int) -> bool:
         except (OSError, ValueError):
             continue
         if limit.isdigit() and int(limit) < 2**60:
-            available = min(available or int(limit), int(limit) - used)
+            room.append(int(limit) - used)
         break
-    return available is not None and available > 2 * nbytes
+    budget = os.environ.get("MOR_LAB_MEMORY_MB", "").strip()
+    if budget:
+        if not budget.isdigit():
+            raise ValueError(f"MOR_LAB_MEMORY_MB must be a whole number of megabytes, got {budget!r}")
+        room.append(int(budget) * 2**20 - _resident_bytes())
+    return bool(room) and min(room) > 4 * nbytes
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory (Linux), 0 where unknown."""
+    import os
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def fast_settings(model, cost: CostModel | None) -> dict:
