@@ -19,14 +19,7 @@ from pathlib import Path
 
 import torch
 
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: fall back to the lifetime peak
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from ..engine.cost import resident_bytes
 
 
 class PeakMemory:
@@ -42,14 +35,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
         else:
             self._stop = threading.Event()
-            self.peak_bytes = _rss_bytes()
+            self.peak_bytes = resident_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self):
         while not self._stop.wait(0.002):
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -58,7 +51,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+            self.peak_bytes = max(self.peak_bytes, resident_bytes())
 
     @property
     def mb(self) -> float:

@@ -379,17 +379,19 @@ def memory_allows_copy(nbytes: int) -> bool:
     if budget:
         if not budget.isdigit():
             raise ValueError(f"MOR_LAB_MEMORY_MB must be a whole number of megabytes, got {budget!r}")
-        room.append(int(budget) * 2**20 - _resident_bytes())
+        room.append(int(budget) * 2**20 - resident_bytes())
     return bool(room) and min(room) > 4 * nbytes
 
 
-def _resident_bytes() -> int:
-    """This process's resident memory (Linux), 0 where unknown."""
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux); elsewhere its lifetime peak (the nearest figure there)."""
     import os
     try:
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def fast_settings(model, cost: CostModel | None) -> dict:
