@@ -46,10 +46,41 @@ def test_prediction_sums_the_passes_and_the_ideal_repacks_them_into_full_ones():
     assert set(cost.breakdown(trace)) == {"prefill", "layer", "head", "bookkeeping"}
 
 
+def test_ragged_passes_pay_their_gathered_cache_copies_and_prompt_chunks_their_measured_point():
+    cost = synthetic(gather_s=1e-8, prefill_tokens=512, prefill_s=12e-3)
+    assert cost.layer(8, gathered=1000) == pytest.approx(cost.layer(8) + 1e-5)
+    assert cost.layer(272) == pytest.approx(3.4e-3 + (12e-3 - 3.4e-3) * (272 - 32) / (512 - 32))  # between the points
+    assert cost.prompt_token_s() == pytest.approx(12e-3 / 512)
+    trace = Trace(num_steps=10, slots=8)
+    trace.passes = [Pass("layer", 8, 8, 256, 0, 800)] * 3 + [Pass("head", 8, 8)]
+    trace.labelled = [None] * 3
+    parts = cost.breakdown(trace)
+    assert parts["gather"] == pytest.approx(3 * 800 * 1e-8) and parts["layer"] == pytest.approx(3 * cost.layer(8, 256))
+    assert cost.ideal(trace) < cost.predict(trace) - parts["gather"] + 1e-12  # the ideal reads pages in place
+
+
+def test_the_engine_records_which_passes_gather_the_cache():
+    """Full depth over every row reads views; tokens at different loops (CDB) gather their pages."""
+    from mor_lab.engine.policies import FixedLoops, LoopExit
+    from mor_lab.engine.plan import LoopStructure
+    model = mor_lab.random_decoder(num_layers=4, vocab_size=64, hidden_size=32, num_heads=4, num_kv_heads=2)
+    model.plan = LoopStructure.middle_cycle(6, 2).plan()
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]]
+    _, full = mor_lab.generate_ids(model, prompts, 4, eos_token_ids=[], slots=4)
+    assert not any(p.gathered for p in full.passes if p.kind == "layer")
+    _, cdb = mor_lab.generate_ids(model, prompts, 6, eos_token_ids=[], slots=2, mode="continuous",
+                                  policy=LoopExit(FixedLoops([0.5, 0.5], seed=1)))
+    assert any(p.gathered for p in cdb.passes if p.kind == "layer")
+    assert all(p.gathered in (0, *range(p.rows, 10**6, p.rows)) for p in cdb.passes)  # rows x kv_len slots
+
+
 def test_regime_and_the_head_batch_of_the_cost_rule():
     cost = synthetic()
     regime = cost.regime(8)
     assert regime["regime"] == "memory-bound" and regime["layer_pass_ratio_vs_1_row"] == 1.0
+    assert {cost.regime(b)["regime"] for b in (1, 2, 4)} == {"memory-bound"}  # a flat curve at small batches
+    linear = synthetic(layer_s=[1e-3, 8e-3, 16e-3, 32e-3])  # every row costs what one row alone costs
+    assert linear.regime(16)["regime"] == "compute-bound"
     assert regime["head_in_layers"] == 4.0 and 0 < regime["head_share"] < 1
     assert cost.head_batch(0) == 1
     # a flat head: the fuller the better; 15 rows are within 10 % of 16's per-token cost (4 ms / 15 < 1.1 * 4 ms / 16)

@@ -138,7 +138,7 @@ def shape_sweep(shapes, batch_size, max_new_tokens, requests, rules, repeats, de
         if name not in SHAPES:
             raise ValueError(f"unknown shape {name!r}; allowed: {', '.join(SHAPES)}")
         model = random_recursive(SHAPES[name], device=device, dtype=dtype)
-        cost = CostModel.calibrate(model, max_rows=2 * batch_size, reps=2 if quick else 3)
+        cost = CostModel.calibrate(model, max_rows=2 * batch_size, reps=2 if quick else 5)
         prompts = bench_prompts(None, requests, model.config.vocab_size, seed=batch_size, words=(4, 24))
         rows = measure(model, prompts, max_new_tokens, batch_size, rules, None, cost, repeats, device)
         regime = cost.regime(batch_size)
@@ -177,7 +177,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
                                 tie_norms=True).model.eval()
             init = "lower (not uptrained)"
         st = LoopStructure.of(recursive)
-        cost = CostModel.calibrate(recursive, max_rows=2 * max(batch_sizes), reps=2 if quick else 3)
+        cost = CostModel.calibrate(recursive, max_rows=2 * max(batch_sizes), reps=2 if quick else 5)
         warm = bench_prompts(tokenizer, 2, recursive.config.vocab_size, words=(4, 8))
         for job in _methods(recursive, warm, 2, 2, rules, threshold, cost).values():
             job()  # warm-up (and Triton compilation on a GPU)

@@ -85,7 +85,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
                                   tokens=2048 if quick else None, steps=40 if quick else None)
     prompt_ids = encode_prompts(tokenizer, CHAT_PROMPTS, chat=True)
     corpus_prompts, corpus_targets = corpus_blocks(tokenizer, 2 if quick else 8, continuation=32 if quick else 64)
-    cost = CostModel.calibrate(model, max_rows=max(8, max(batch_sizes)), reps=2 if quick else 3)
+    cost = CostModel.calibrate(model, max_rows=max(8, max(batch_sizes)), reps=2 if quick else 5)
     policy_of = lambda method, tau=threshold: (  # noqa: E731
         lambda: early_exit_policy(method, shallow_layer, tau, heads, measure))
     run_policy(model, prompt_ids[:2], None, 2, cost=cost)  # warm-up

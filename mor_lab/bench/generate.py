@@ -74,7 +74,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 3
     pad_id = (tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
     prompts = bench_prompts(tokenizer, max(batch_sizes), model.config.vocab_size)
     peaks = machine_peaks(device, quick)
-    cost = CostModel.calibrate(model, max_rows=max(batch_sizes), reps=2 if quick else 3)
+    cost = CostModel.calibrate(model, max_rows=max(batch_sizes), reps=2 if quick else 5)
 
     methods = {
         "hf": lambda p: (_hf_generate(hf_model, p, max_new_tokens, pad_id), None),

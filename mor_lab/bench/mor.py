@@ -124,7 +124,7 @@ def lab_family(batch_sizes, max_new_tokens: int, rules, repeats: int, device, qu
         count = batch_size * 3 // 2 if quick else batch_size * 2
         lengths = torch.randint(16, 65, (count,), generator=g).tolist()
         prompts = [blocks[i % len(blocks), :n].tolist() for i, n in enumerate(lengths)]
-        costs = {name: CostModel.calibrate(m, max_rows=2 * batch_size, reps=2 if quick else 3)
+        costs = {name: CostModel.calibrate(m, max_rows=2 * batch_size, reps=2 if quick else 5)
                  for name, m in models.items()}
         results += measure(models, costs, prompts, max_new_tokens, batch_size, rules, repeats, device)
     return {"models": present, "results": results,
@@ -174,7 +174,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
     with kernel_backends.use(backend):
         models = build_models(shape, recursions, device, dtype=torch_dtype)
         rows_needed = 2 * max(max(batch_sizes), 1)
-        costs = {name: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 3)
+        costs = {name: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 5)
                  for name, m in models.items()}
         warm = bench_prompts(2, shape.vocab_size, (4, 6))
         for name, model in models.items():  # warm-up
@@ -215,7 +215,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(8, 32),
             if name not in SHAPES:
                 raise ValueError(f"unknown shape {name!r}; allowed: {', '.join(SHAPES)}")
             swept = build_models(SHAPES[name], (3,), device, dtype=torch_dtype)
-            swept_costs = {k: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 3)
+            swept_costs = {k: CostModel.calibrate(m, max_rows=rows_needed, reps=2 if quick else 5)
                            for k, m in swept.items()}
             b = base_batch
             prompts = bench_prompts(b * 3 // 2 if quick else b * 2, SHAPES[name].vocab_size, lengths, seed=b)

@@ -33,6 +33,7 @@ from functools import partial
 
 import torch
 
+from .. import kernels
 from ..models.cache import Chunk, KVCache
 from ..models.decoder import fast_paths
 from .policies.base import Context, DepthPolicy
@@ -276,12 +277,13 @@ class Scheduler:
         rows, tokens, keys = chunk.batch_size, len(sub), int((slots + 1).sum())
         prompt = int(sub.prefill.sum())
         kind = "prefill" if prompt == tokens else "layer"
+        gathered = _gathered(chunk, step0, sub.h)
         h = sub.h
         layers = self.group_layers[g]
         for j, layer in enumerate(layers):
             steps = step0 + j
             h = model.run_layer(layer, h, rope, cache, chunk, steps)
-            self.trace.passes.append(Pass(kind, rows, tokens, keys, prompt))
+            self.trace.passes.append(Pass(kind, rows, tokens, keys, prompt, gathered))
             if self.record:
                 self._lens_store(sub, h, steps)
         cache.advance(step0, len(layers), chunk)
@@ -294,7 +296,8 @@ class Scheduler:
         slots = self.cache.slots(step, tokens.row, cols, tokens.pos)
         chunk = Chunk.from_tokens(tokens.row, slots, tokens.pos, self.R, cols)
         out = layer(h, self.model.rope(tokens.pos), self.cache, step, chunk, None)
-        self.trace.passes.append(Pass("layer", chunk.batch_size, len(tokens), int((slots + 1).sum())))
+        self.trace.passes.append(Pass("layer", chunk.batch_size, len(tokens), int((slots + 1).sum()), 0,
+                                      _gathered(chunk, step, h)))
         return out
 
     def _record_step(self, g: int, sub: Tokens) -> None:
@@ -367,9 +370,10 @@ class Scheduler:
             prompt = int(fin.prefill.sum())
             kind = "prefill" if prompt == len(fin) else "layer"
             keys = int((slots + 1).sum())
+            gathered = _gathered(chunk, step0, h)
             for s in policy.finish:
                 h = model.run_layer(model.plan[s], h, rope, self.cache, chunk, s)
-                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), keys, prompt))
+                self.trace.passes.append(Pass(kind, chunk.batch_size, len(fin), keys, prompt, gathered))
                 if self.record:
                     self._lens_store(fin, h, s)
             self.cache.advance(step0, len(policy.finish), chunk)
@@ -464,6 +468,14 @@ class Scheduler:
             out.append((top1[k:k + len(e)], conf[k:k + len(e)]))
             k += len(e)
         return out
+
+
+def _gathered(chunk: Chunk, step, h: torch.Tensor) -> int:
+    """Cache slots a pass's attention copies (``KVCache.read``): none when its tokens are one page's rows
+    0..n-1 (views) or when the paged kernels read the cache in place."""
+    if (isinstance(step, int) and chunk.all_rows) or kernels.use_triton(h):
+        return 0
+    return chunk.batch_size * chunk.kv_len
 
 
 def _label(rows_total: int, labels: list[str], group_kind: list[str], record) -> EngineStep:

@@ -24,12 +24,15 @@ class Pass(NamedTuple):
     "test" (an exit test: the LM head at an exit, or a classifier), "propagate" (K/V projections of
     exited tokens for the steps they skipped, all layers in one call), "router" (MoR router scores).
     ``keys``: summed attention length of the tokens (layer passes), or the layers a propagation call
-    projected; ``prefill``: how many of the tokens are prompt tokens."""
+    projected; ``prefill``: how many of the tokens are prompt tokens; ``gathered``: the cache slots the
+    pass copied out of the KV cache (its rows, or their steps, were not one page's rows 0..n-1: the
+    reference attention path gathers them; the paged kernels read in place, 0)."""
     kind: str
     rows: int
     tokens: int
     keys: int = 0
     prefill: int = 0
+    gathered: int = 0
 
 
 @dataclass

@@ -16,10 +16,11 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 KIND_COLORS = {"layer": "#0072B2", "prefill": "#E69F00", "head": "#D55E00", "test": "#CC79A7",
-               "propagate": "#009E73", "router": "#56B4E9", "classifier": "#56B4E9", "bookkeeping": "#999999"}
+               "propagate": "#009E73", "router": "#56B4E9", "classifier": "#56B4E9", "gather": "#F0E442",
+               "bookkeeping": "#999999"}
 KIND_NAMES = {"layer": "layer passes", "prefill": "prefill", "head": "LM-head calls", "test": "exit tests",
               "propagate": "state propagation", "router": "router", "classifier": "exit classifier",
-              "bookkeeping": "engine bookkeeping"}
+              "gather": "gathered KV reads (tokens at different depths)", "bookkeeping": "engine bookkeeping"}
 
 
 def pass_cost_figure(cost, max_rows: int = 64, title: str | None = None) -> go.Figure:
