@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import mor_lab
 import mor_lab.train
-from mor_lab.early_exit.confidence import MEASURES, MetaClassifier, calm_threshold, confidence
+from mor_lab.early_exit.confidence import CANONICAL_MEASURES, MEASURE_ALIASES, MetaClassifier, calm_threshold, confidence
 from mor_lab.early_exit.heads import (ExitConfig, ExitHeads, cache_exit_states, evaluate_exit_heads, exit_objective,
                                       free_layer_map, free_shallow_layers, train_exit_heads)
 from mor_lab.train.losses import (calm_loss, calm_weights, free_loss, hidden_mse, kl_distill, meta_loss,
@@ -67,7 +67,10 @@ def test_confidence_errors_name_the_problem():
         confidence("state")
     with pytest.raises(ValueError, match="needs classifier"):
         confidence("meta", hidden=torch.zeros(1, 3))
-    assert MEASURES == ("softmax", "margin", "state", "meta")
+    assert CANONICAL_MEASURES == ("softmax_max", "softmax_diff", "state", "meta")
+    assert MEASURE_ALIASES == {"softmax": "softmax_max", "margin": "softmax_diff"}  # saved heads say "margin"
+    with pytest.raises(ValueError, match="ExitConfig.measure = 'entropy'.*softmax_diff"):
+        ExitConfig(exit_layers=[2], measure="entropy")
 
 
 def test_calm_threshold_decays_to_ninety_percent():

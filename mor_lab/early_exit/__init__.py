@@ -2,12 +2,12 @@
 
 Also the logit-lens analysis (``lens``): when could a token stop going deeper, and what would it save.
 """
-from .confidence import MEASURES, MetaClassifier, calm_threshold, confidence
+from .confidence import CANONICAL_MEASURES, MEASURE_ALIASES, MetaClassifier, calm_threshold, confidence
 from .heads import (ExitConfig, ExitHeads, cache_exit_states, evaluate_exit_heads, free_layer_map,
                     free_shallow_layers, train_exit_heads)
 from .threshold import AdaptiveThreshold, ThresholdConfig
 
-__all__ = ["MEASURES", "AdaptiveThreshold", "CalmExit", "ExitConfig", "ExitHeads", "FreeDecoding", "MetaClassifier",
+__all__ = ["CANONICAL_MEASURES", "MEASURE_ALIASES", "AdaptiveThreshold", "CalmExit", "ExitConfig", "ExitHeads", "FreeDecoding", "MetaClassifier",
            "StaticExit", "ThresholdConfig", "cache_exit_states", "calm_threshold", "confidence",
            "evaluate_exit_heads", "free_layer_map", "free_shallow_layers", "train_exit_heads"]
 

@@ -15,10 +15,9 @@ A token exits when its confidence passes a threshold. The measures (Schuster et 
   "exiting here gives the same token as the full model" (the label it is trained on).
 
 Names: mor_lab called these ``softmax`` (top-1 probability) and ``margin`` (top-1 minus top-2). Both
-still work, as aliases with their old meaning (:data:`MEASURE_ALIASES`); ``softmax`` is ambiguous (the
-paper's softmax response is the margin), so new code should say ``softmax_max`` or ``softmax_diff``.
-:data:`MEASURES` keeps the old names until the callers that list measures (exit heads, decoding policies,
-figures) switch to :data:`CANONICAL_MEASURES`.
+still work, as aliases with their old meaning (:data:`MEASURE_ALIASES`: trained exit heads saved with
+``measure="margin"`` load as they were); ``softmax`` is ambiguous (the paper's softmax response is the
+margin), so new code should say ``softmax_max`` or ``softmax_diff``.
 
 Every measure takes a batch of tokens (any leading shape, e.g. ``[N]`` or ``[B, T]``) and returns one
 number per token, computed in float32; larger means more confident. :func:`exits` is the exit rule and
@@ -34,7 +33,6 @@ from torch import nn
 
 CANONICAL_MEASURES = ("softmax_max", "softmax_diff", "state", "meta")
 MEASURE_ALIASES = {"softmax": "softmax_max", "margin": "softmax_diff"}  # mor_lab's earlier names
-MEASURES = ("softmax", "margin", "state", "meta")  # the names today's callers list (see the module docstring)
 
 
 def canonical_measure(measure: str) -> str:

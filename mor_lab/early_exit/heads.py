@@ -34,7 +34,7 @@ from ..models.decoder import DecoderLayer
 from ..train.loop import Cycle, LoopConfig, OptimConfig, RowStream, TrainLog, fit, make_accelerator, only_training
 from ..train.losses import (FREE_KD_KINDS, IGNORE_INDEX, calm_loss, free_loss, kl_distill, meta_loss,
                             next_token_targets)
-from .confidence import MEASURES, MetaClassifier, confidence
+from .confidence import CANONICAL_MEASURES, MEASURE_ALIASES, MetaClassifier, canonical_measure, confidence
 
 ADAPTERS = ("none", "linear", "block")
 OBJECTIVES = ("free", "calm")
@@ -96,8 +96,9 @@ class ExitConfig(DictConfig):
                 raise ValueError(f"ExitConfig.adapter_rank must be None or a positive integer, got {self.adapter_rank!r}")
             if self.adapter != "linear":
                 raise ValueError("ExitConfig.adapter_rank needs adapter='linear'")
-        if self.measure not in MEASURES:
-            raise ValueError(f"ExitConfig.measure = {self.measure!r} is not supported; allowed: {', '.join(MEASURES)}")
+        if self.measure not in CANONICAL_MEASURES + tuple(MEASURE_ALIASES):
+            allowed = ", ".join(CANONICAL_MEASURES + tuple(MEASURE_ALIASES))
+            raise ValueError(f"ExitConfig.measure = {self.measure!r} is not supported; allowed: {allowed}")
 
 
 
@@ -203,7 +204,7 @@ class ExitHeads(nn.Module):
                    prev_hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The configured measure at this exit; logits are computed from ``model`` when needed and not given."""
         measure = self.config.measure
-        if measure in ("softmax", "margin") and logits is None:
+        if canonical_measure(measure) in ("softmax_max", "softmax_diff") and logits is None:
             if model is None:
                 raise ValueError(f"measure {measure!r} needs logits or a model to compute them")
             logits = self.logits(model, hidden, exit_layer)
