@@ -153,7 +153,7 @@ class CostModel:
     propagate_layers: int = 1  # the layers one calibrated propagation call projected
     num_steps: int = 0
     layouts: list = field(default_factory=list)  # the matmul layouts measured fastest: ((min_rows, layout), ...)
-    head_layouts: list = field(default_factory=list)  # the same for the LM head (decoder.FastPaths)
+    head_layouts: list = field(default_factory=list)  # the same for the LM head (models.fast_paths)
     seconds: float = 0.0  # how long the calibration took
     notes: dict = field(default_factory=dict)
 
@@ -277,13 +277,15 @@ class CostModel:
     def calibrate(cls, model, max_rows: int = 64, reps: int = 3, fast: bool = True, fit_overhead: bool = True
                   ) -> "CostModel":
         """Measure this model's pass costs here (a few seconds for SmolLM2 on a 2-core CPU)."""
-        from ..models.decoder import fast_paths
+        from ..models.fast_paths import fast_paths
         start = time.perf_counter()
         device = model.device
         rows = [n for n in CALIBRATION_ROWS if n <= max(max_rows, 4)]
         if rows[-1] < max_rows:
             rows.append(max_rows)
         layouts = measure_layouts(model, reps, max_rows=rows[-1]) if fast else ((), ())
+        if fast:  # an engine run without this cost model uses them too, instead of measuring again
+            _LAYOUTS[_layout_key(model)] = layouts
         settings = dict(layouts=layouts[0], head_layouts=layouts[1]) if fast else None
         context = fast_paths(**settings) if fast else _Null()
         with torch.inference_mode(), context:
@@ -358,12 +360,12 @@ def _fit_overhead(model, cost: CostModel, exact: bool) -> float:
 
 def measure_layouts(model, reps: int = 3, max_rows: int = 64) -> tuple[tuple, tuple]:
     """The fastest way to compute ``x @ W^T`` here for each row count up to ``max_rows``, for a layer's
-    projections and for the LM head: ``((min_rows, layout), ...)`` tables for ``decoder.fast_paths``.
+    projections and for the LM head: ``((min_rows, layout), ...)`` tables for ``models.fast_paths.fast_paths``.
 
-    Candidates (``decoder.LAYOUTS``): ``F.linear``; ``(W @ x^T)^T``; oneDNN-prepacked weights (when this
+    Candidates (``fast_paths.LAYOUTS``): ``F.linear``; ``(W @ x^T)^T``; oneDNN-prepacked weights (when this
     PyTorch can prepack and there is memory for one more copy of the weights). Measured, never assumed:
     which wins depends on the BLAS, the CPU and the rows."""
-    from ..models.decoder import PACKABLE, fast_paths, linear, packed_weight, packing_available
+    from ..models.fast_paths import PACKABLE, fast_paths, linear, packed_weight, packing_available
     device, dtype = model.device, model.dtype
     candidates = ["linear", "transposed"]
     if device.type == "cpu" and dtype in PACKABLE and packing_available() and memory_allows_copy(weight_bytes(model)):
@@ -448,15 +450,20 @@ def fast_settings(model, cost: CostModel | None) -> dict:
     measurement for this model's shape on this device."""
     if cost is not None and cost.layouts:
         return dict(layouts=tuple(map(tuple, cost.layouts)), head_layouts=tuple(map(tuple, cost.head_layouts)))
-    key = (model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size, str(model.dtype),
-           str(model.device), torch.get_num_threads(), len(model.layers))
+    key = _layout_key(model)
     if key not in _LAYOUTS:
         _LAYOUTS[key] = measure_layouts(model, reps=3, max_rows=64)
     layers, head = _LAYOUTS[key]
     return dict(layouts=layers, head_layouts=head)
 
 
-_LAYOUTS: dict[tuple, tuple[tuple, tuple]] = {}
+_LAYOUTS: dict[tuple, tuple[tuple, tuple]] = {}  # measured layouts per model shape here (calibrations fill it too)
+
+
+def _layout_key(model) -> tuple:
+    c = model.config
+    return (c.hidden_size, c.intermediate_size, c.vocab_size, str(model.dtype), str(model.device),
+            torch.get_num_threads(), len(model.layers))
 
 
 class _Null:

@@ -35,7 +35,7 @@ import torch
 
 from .. import kernels
 from ..models.cache import Chunk, KVCache
-from ..models.decoder import fast_paths
+from ..models.fast_paths import fast_paths
 from .policies.base import Context, DepthPolicy
 from .sampling import Sampler
 from .tokens import Tokens

@@ -11,13 +11,12 @@ different depth step (continuous depth-wise batching), each reading and writing 
 The hot element-wise ops (RMSNorm and the residual add before it, SwiGLU, rotary), attention over the KV
 cache and the per-token multi-LoRA projections of ``run_layer`` go through ``mor_lab.kernels``: Triton
 kernels on CUDA, the PyTorch references (the same math, written out) elsewhere. Inside the engine,
-``fast_paths`` picks the matmul layout measured fastest and fuses q/k/v and gate/up (:class:`FastPaths`).
+``models.fast_paths`` picks the matmul layout measured fastest and fuses q/k/v and gate/up; rotary
+position embeddings live in ``models.rotary``.
 """
 from __future__ import annotations
 
 import json
-import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,135 +26,8 @@ from torch import nn
 from .. import kernels
 from .cache import Chunk, KVCache
 from .config import ModelConfig
-
-
-LAYOUTS = ("linear", "transposed", "packed")
-
-
-class FastPaths:
-    """What the engine turns on for its decode passes (``fast_paths(...)``); off everywhere else.
-
-    ``layouts`` (``head_layouts`` for the LM head): which matmul computes ``x @ W^T`` for how many rows,
-    as ``((min_rows, layout), ...)``: ``linear`` is ``F.linear``; ``transposed`` is ``(W @ x^T)^T``, the same
-    product, which on some CPUs' BLAS runs up to 2x faster at 4-32 rows; ``packed`` multiplies with a
-    copy of ``W`` that oneDNN prepacked once (a plain BLAS call repacks ``W`` on every call, which at a
-    few rows costs as much as the product: prepacked, a pass over a layer costs about the same for 4
-    rows as for 1). The engine's cost model measures them on the device and picks per row count
-    (``engine.cost.measure_layouts``); ``packed`` costs one more copy of the weights in memory.
-    ``fused``: q/k/v and gate/up run as one matmul each over weights stored side by side.
-    ``decode_attention``: one query per row attends through two small matmuls instead of SDPA, whose
-    per-call overhead dominates at decode sizes on a CPU. None of these keep HF's summation order: the
-    ``exact`` engine mode leaves them all off (the HF parity tests use it).
-    """
-
-    def __init__(self):
-        self.enabled = False
-        self.layouts: tuple = ()
-        self.head_layouts: tuple = ()
-        self.fused = False
-        self.decode_attention = False
-
-
-FAST = FastPaths()
-_FIELDS = ("enabled", "layouts", "head_layouts", "fused", "decode_attention")
-
-
-@contextmanager
-def fast_paths(layouts=((1, "linear"), (3, "transposed")), head_layouts=((1, "linear"), (3, "transposed")),
-               fused: bool = True, decode_attention: bool = True):
-    """Inside the block, inference passes take the fast paths (see :class:`FastPaths`)."""
-    for table in (layouts, head_layouts):
-        for _, name in table:
-            if name not in LAYOUTS:
-                raise ValueError(f"unknown matmul layout {name!r}; allowed: {', '.join(LAYOUTS)}")
-    saved = tuple(getattr(FAST, f) for f in _FIELDS)
-    for f, value in zip(_FIELDS, (True, tuple(layouts), tuple(head_layouts), fused, decode_attention)):
-        setattr(FAST, f, value)
-    try:
-        yield FAST
-    finally:
-        for f, value in zip(_FIELDS, saved):
-            setattr(FAST, f, value)
-
-
-def layout_for(rows: int, table) -> str:
-    """The layout of ``table`` (``((min_rows, layout), ...)``, ascending) for ``rows`` rows."""
-    name = "linear"
-    for min_rows, layout in table:
-        if rows >= min_rows:
-            name = layout
-    return name
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, head: bool = False) -> torch.Tensor:
-    """``x @ W^T + b``, in the layout the engine measured fastest for this many rows (``FastPaths``)."""
-    if not FAST.enabled or x.dim() != 2 or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
-    layout = layout_for(x.shape[0], FAST.head_layouts if head else FAST.layouts)
-    if layout == "transposed":
-        y = torch.mm(weight, x.T).T.contiguous()
-        return y if bias is None else y + bias
-    if layout == "packed" and weight.dtype in PACKABLE:
-        return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-PACKABLE = (torch.float32, torch.bfloat16)  # the dtypes oneDNN prepacks (float64 falls back to F.linear)
-_PACKED: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, oneDNN prepacked copy)
-
-
-def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's prepacked copy of ``weight``, made once and remade when ``weight`` changes in place (its
-    version counter) or is freed (a weak reference drops the copy)."""
-    import weakref
-    version = _version(weight)
-    entry = _PACKED.get(id(weight))
-    if entry is not None and entry[0]() is weight and entry[1] == version:
-        return entry[2]
-    key = id(weight)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-    _PACKED[key] = (weakref.ref(weight, lambda _, k=key: _PACKED.pop(k, None)), version, packed)
-    return packed
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place updates bump a tensor's version; an inference tensor has none (and cannot be updated
-    outside inference mode)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
-def packing_available() -> bool:
-    """Can this PyTorch build prepack weights with oneDNN (CPU builds with MKL-DNN)?"""
-    try:
-        w = torch.zeros(4, 8)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(2, 8), torch.ops.mkldnn._reorder_linear_weight(w, None), None,
-                                           "none", [], "")
-        return True
-    except (RuntimeError, AttributeError):
-        return False
-
-
-def fused_weight(linears: list[nn.Linear]) -> torch.Tensor | None:
-    """The weights of ``linears`` stacked ``[sum(out), in]`` in one buffer, the parameters rebound as views
-    of it (no extra memory; in-place updates and ``load_state_dict`` keep them in sync). ``None`` when
-    they have biases. Rebuilt when a parameter moved (``.to()``, a new Parameter)."""
-    if any(l.bias is not None for l in linears):
-        return None
-    pointers = tuple(l.weight.data_ptr() for l in linears)
-    cached = getattr(linears[0], "_fused_with", None)
-    if cached is not None and cached[1] == pointers and cached[0].dtype == linears[0].weight.dtype:
-        return cached[0]
-    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the parameters stay trainable
-        fused = torch.cat([l.weight.detach() for l in linears])
-        offset = 0
-        for l in linears:
-            l.weight.data = fused[offset:offset + l.weight.shape[0]]
-            offset += l.weight.shape[0]
-    linears[0]._fused_with = (fused, tuple(l.weight.data_ptr() for l in linears))
-    return fused
+from .fast_paths import FAST, fused_weight, linear
+from .rotary import Rotary, apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -350,109 +222,6 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     scores = torch.matmul(qg, keys.transpose(-1, -2)) * (dim ** -0.5)  # [n, kv_heads, group, kv_len]
     scores = scores.masked_fill(~mask.view(n, 1, 1, -1), float("-inf"))
     return torch.matmul(scores.softmax(-1), values).view(n, heads, dim)
-
-
-def rope_inverse_frequencies(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and cos/sin scale for every rope type HF Llama configs use."""
-    rope, dim = config.rope, config.head_dim
-    base = rope["rope_theta"]
-    rope_type = rope.get("rope_type", "default")
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
-    if rope_type == "dynamic":  # NTK-aware: grow the base once the context exceeds the trained length
-        max_pos = config.max_position_embeddings
-        seq_len = max(seq_len or max_pos, max_pos)
-        factor = rope["factor"]
-        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** exponents)
-    if rope_type == "linear":
-        return inv_freq / rope["factor"], 1.0
-    if rope_type == "llama3":
-        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        old_len = rope.get("original_max_position_embeddings", config.max_position_embeddings)
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-        return torch.where(medium, smoothed, scaled), 1.0
-    if rope_type == "yarn":
-        return _yarn(config, base, dim)
-    return inv_freq, 1.0
-
-
-def _yarn(config: ModelConfig, base: float, dim: int) -> tuple[torch.Tensor, float]:
-    rope = config.rope
-    old_len = rope.get("original_max_position_embeddings", config.max_position_embeddings)
-    factor = rope.get("factor") or config.max_position_embeddings / old_len
-
-    def mscale(scale, m=1.0):
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    attention_factor = rope.get("attention_factor")
-    if attention_factor is None:
-        if rope.get("mscale") and rope.get("mscale_all_dim"):
-            attention_factor = mscale(factor, rope["mscale"]) / mscale(factor, rope["mscale_all_dim"])
-        else:
-            attention_factor = mscale(factor)
-
-    def correction_dim(rotations):
-        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
-    if rope.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    if low == high:
-        high += 0.001
-    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
-    extrapolation = 1 - ramp
-    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    return inv_freq, float(attention_factor)
-
-
-class Rotary(nn.Module):
-    """cos/sin for arbitrary positions: ``[B, T]`` for a plain forward, packed ``[N]`` for a ragged chunk."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        inv_freq, self.scale = rope_inverse_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        """cos, sin of shape ``positions.shape + (1, head_dim)``: they broadcast over heads.
-
-        The engine's packed passes read them from a table of every position computed once (the same
-        element-wise values: a lookup instead of ten small ops per pass)."""
-        if FAST.enabled and positions.dim() == 1 and self.config.rope.get("rope_type") != "dynamic" and \
-                self.config.max_position_embeddings <= 16384:  # a table of at most 16k positions
-            table = getattr(self, "_table", None)
-            if table is None or table[0].dtype != dtype or table[0].device != positions.device:
-                every = torch.arange(self.config.max_position_embeddings, device=positions.device)
-                self._table = table = self._compute(every, dtype, self.inv_freq)
-            return table[0][positions], table[1][positions]
-        inv_freq = self.inv_freq
-        if self.config.rope.get("rope_type") == "dynamic":
-            seq_len = int(positions.max()) + 1
-            if seq_len > self.config.max_position_embeddings:
-                inv_freq = rope_inverse_frequencies(self.config, seq_len)[0].to(positions.device)
-        return self._compute(positions, dtype, inv_freq)
-
-    def _compute(self, positions, dtype, inv_freq):
-        freqs = positions[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scale).to(dtype).unsqueeze(-2), (emb.sin() * self.scale).to(dtype).unsqueeze(-2)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x * cos + rotate_half(x) * sin`` (dispatched: a fused kernel on CUDA)."""
-    return kernels.apply_rotary(x, cos, sin)
 
 
 class Attention(nn.Module):
