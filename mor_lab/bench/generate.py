@@ -75,10 +75,13 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 3
     prompts = bench_prompts(tokenizer, max(batch_sizes), model.config.vocab_size)
     peaks = machine_peaks(device, quick)
     cost = CostModel.calibrate(model, max_rows=max(batch_sizes), reps=2 if quick else 5)
+    exact_cost = CostModel.calibrate(model, max_rows=max(batch_sizes), reps=2 if quick else 5, fast=False)
+    costs = {"mor_lab_exact": exact_cost, "mor_lab": cost}  # exact mode runs F.linear: priced as it runs
 
     methods = {
         "hf": lambda p: (_hf_generate(hf_model, p, max_new_tokens, pad_id), None),
-        "mor_lab_exact": lambda p: generate_ids(model, p, max_new_tokens, eos_token_ids=[], exact=True, cost=cost),
+        "mor_lab_exact": lambda p: generate_ids(model, p, max_new_tokens, eos_token_ids=[], exact=True,
+                                                cost=exact_cost),
         "mor_lab": lambda p: generate_ids(model, p, max_new_tokens, eos_token_ids=[], cost=cost),
     }
     for run_method in methods.values():  # warm-up
@@ -106,7 +109,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8, 3
                    "roofline_fraction": float(f"{tokens_per_s / limit['tokens_per_s_limit']:.3g}"),
                    "roofline": limit}
             if traces[method] is not None:
-                row.update(cost_columns(cost, traces[method], seconds))
+                row.update(cost_columns(costs[method], traces[method], seconds))
                 same = [a == b for a, b in zip(outputs["hf"], outputs[method])]
                 row["identical_to_hf"] = all(same)
                 row["identical_rows"] = f"{sum(same)}/{len(same)}"
