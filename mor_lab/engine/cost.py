@@ -296,13 +296,16 @@ class CostModel:
             layer_s, head_s, test_s, prop_s = curves
             layer_s = [t / scratch.count for t in layer_s]
             del scratch
-            long_keys = min(512, model.config.max_position_embeddings)
-            long = _Scratch(model, 8, long_keys)
-            t_long = _typical_time(lambda: long.layers(8), reps, device) / long.count
-            short = _interp(rows, layer_s, 8)
-            key_s = max(0.0, (t_long - short) / (8 * (long_keys - ref_keys)))
-            t_ragged = _typical_time(lambda: long.layers(8, ragged=True), reps, device) / long.count
-            gather_s = max(0.0, (t_ragged - t_long) / (8 * long_keys))
+            # keys beyond the reference, at the largest decode batch (the per-key cost grows with the rows'
+            # share of the attention; 8 rows of long keys priced 32 rows' keys at half what they cost)
+            wide = min(rows[-1], 64)
+            long_keys = min(ref_keys + 128, model.config.max_position_embeddings)
+            long = _Scratch(model, wide, long_keys)
+            t_ref, t_long, t_ragged = (curve[0] / long.count for curve in _sweep_times(
+                [[partial(long.layers_at, wide, ref_keys)], [partial(long.layers, wide)],
+                 [partial(long.layers, wide, ragged=True)]], reps, device))
+            key_s = max(0.0, (t_long - t_ref) / (wide * (long_keys - ref_keys)))
+            gather_s = max(0.0, (t_ragged - t_long) / (wide * long_keys))
             del long
             prefill_tokens, prefill_s = 0, 0.0
             if rows[-1] < PREFILL_TOKENS:  # prompt chunks run hundreds of tokens: one measured point there
@@ -499,11 +502,18 @@ class _Scratch:
         self.h = (torch.randn(rows, c.hidden_size, generator=g) * 0.1).to(model.device, model.dtype)
         self.keys = keys
 
-    def _chunk(self, n: int):
+    def _chunk(self, n: int, keys: int | None = None):
         from ..models.cache import Chunk
         rows = torch.arange(n, device=self.model.device)
-        slots = torch.full((n,), self.keys - 1, device=self.model.device)
+        slots = torch.full((n,), (keys or self.keys) - 1, device=self.model.device)
         return Chunk.from_tokens(rows, slots, slots, self.cache.batch_size, torch.zeros_like(rows))
+
+    def layers_at(self, n: int, keys: int) -> None:
+        """:meth:`layers` with each token seeing ``keys`` keys (at most the scratch cache's)."""
+        chunk = self._chunk(n, keys)
+        rope = self.model.rope(chunk.positions)
+        for layer in self.layers_list:
+            self.model.run_layer(layer, self.h[:n], rope, self.cache, chunk, layer)
 
     def layers(self, n: int, ragged: bool = False) -> None:
         """One pass over each layer for ``n`` tokens; ``ragged``: the tokens' steps given one per token, the

@@ -274,7 +274,7 @@ class Scheduler:
         chunk = Chunk.from_tokens(sub.row, slots, sub.pos, self.R, cols)
         chunk.track_lengths = False  # one length update for the whole pass, below
         rope = model.rope(sub.pos)
-        rows, tokens, keys = chunk.batch_size, len(sub), int((slots + 1).sum())
+        rows, tokens, keys = chunk.batch_size, len(sub), _attended(chunk, slots, sub.h)
         prompt = int(sub.prefill.sum())
         kind = "prefill" if prompt == tokens else "layer"
         gathered = _gathered(chunk, step0, sub.h)
@@ -296,7 +296,7 @@ class Scheduler:
         slots = self.cache.slots(step, tokens.row, cols, tokens.pos)
         chunk = Chunk.from_tokens(tokens.row, slots, tokens.pos, self.R, cols)
         out = layer(h, self.model.rope(tokens.pos), self.cache, step, chunk, None)
-        self.trace.passes.append(Pass("layer", chunk.batch_size, len(tokens), int((slots + 1).sum()), 0,
+        self.trace.passes.append(Pass("layer", chunk.batch_size, len(tokens), _attended(chunk, slots, h), 0,
                                       _gathered(chunk, step, h)))
         return out
 
@@ -369,7 +369,7 @@ class Scheduler:
             rope = model.rope(fin.pos)
             prompt = int(fin.prefill.sum())
             kind = "prefill" if prompt == len(fin) else "layer"
-            keys = int((slots + 1).sum())
+            keys = _attended(chunk, slots, h)
             gathered = _gathered(chunk, step0, h)
             for s in policy.finish:
                 h = model.run_layer(model.plan[s], h, rope, self.cache, chunk, s)
@@ -468,6 +468,14 @@ class Scheduler:
             out.append((top1[k:k + len(e)], conf[k:k + len(e)]))
             k += len(e)
         return out
+
+
+def _attended(chunk: Chunk, slots: torch.Tensor, h: torch.Tensor) -> int:
+    """Query-key pairs a pass's attention computes: each token's own keys with the paged kernels; on the
+    reference path every row's queries against the longest row's keys (``kv_len``), padding masked."""
+    if kernels.use_triton(h):
+        return int((slots + 1).sum())
+    return chunk.batch_size * chunk.width * chunk.kv_len
 
 
 def _gathered(chunk: Chunk, step, h: torch.Tensor) -> int:

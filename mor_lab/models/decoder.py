@@ -26,7 +26,7 @@ from torch import nn
 from .. import kernels
 from .cache import Chunk, KVCache
 from .config import ModelConfig
-from .fast_paths import FAST, fused_weight, linear
+from .fast_paths import FAST, fused_weight, linear, tensor_version
 from .rotary import Rotary, apply_rotary
 
 
@@ -442,7 +442,7 @@ class Decoder(nn.Module):
         params = [p for i in layers for p in (self.layers[i].input_layernorm.weight,
                                                self.layers[i].self_attn.k_proj.weight,
                                                self.layers[i].self_attn.v_proj.weight)]
-        key = (tuple(layers), tuple(p.data_ptr() for p in params), tuple(_version(p) for p in params))
+        key = (tuple(layers), tuple(p.data_ptr() for p in params), tuple(tensor_version(p) for p in params))
         cached = getattr(self, "_kv_stack", None)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]

@@ -92,7 +92,7 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's prepacked copy of ``weight``, made once and remade when ``weight`` changes in place (its
     version counter) or is freed (a weak reference drops the copy)."""
     import weakref
-    version = _version(weight)
+    version = tensor_version(weight)
     entry = _PACKED.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == version:
         return entry[2]
@@ -102,7 +102,7 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
     """In-place updates bump a tensor's version; an inference tensor has none (and cannot be updated
     outside inference mode)."""
     try:
