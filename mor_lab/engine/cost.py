@@ -226,7 +226,6 @@ class CostModel:
             entry[1] += p.keys
             prompt_steps += p.prefill
         t = prompt_steps * self.prompt_token_s()
-        passes = prompt_steps / max(self.rows[-1], self.prefill_tokens)
         calls = {kind: sum(1 for p in trace.passes if p.kind == kind) for kind in totals}
         for kind, (tokens, keys) in totals.items():
             full = tokens / B
@@ -236,8 +235,12 @@ class CostModel:
                 t += full * self.propagate(B, round(keys / max(1, calls[kind])))
             else:
                 t += full * self.price(kind, B, B)
-            passes += full
-        return t + self.overhead_s * passes
+        # bookkeeping is paid per engine step and head call (as fitted), not per pass: the run's events,
+        # fewer in proportion when its passes are repacked into fewer, full ones
+        run_passes = sum(p.kind in ("layer", "prefill") for p in trace.passes)
+        ideal_passes = prompt_steps / max(self.rows[-1], self.prefill_tokens) + totals.get("layer", [0])[0] / B
+        shrink = min(1.0, ideal_passes / run_passes) if run_passes else 1.0
+        return t + self.overhead_s * _bookkept(trace) * shrink
 
     # -- the regime ----------------------------------------------------------------------------
     def regime(self, slots: int) -> dict:
