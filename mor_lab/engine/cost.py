@@ -94,15 +94,7 @@ def _typical_time(fn, reps: int, device) -> float:
     """The median of ``reps`` timed calls (after one warm-up). Not the fastest: a real run meets this
     shared machine at its typical speed, and priced at its best the runs measured 10-40 % slower than
     predicted."""
-    fn()
-    times = []
-    for _ in range(max(1, reps)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[(len(times) - 1) // 2]
+    return _sweep_times([[fn]], reps, device)[0][0]
 
 
 def _sweep_times(curves: list[list], reps: int, device) -> list[list[float]]:
