@@ -26,7 +26,7 @@ from ..engine.generate import encode_prompts
 from ..engine.policies import early_exit_policy
 from ..models.hf import load_pretrained
 from ..train.data import load_corpus, tokenize
-from .common import cost_columns, environment, hf_reference, median, timer
+from .common import cost_columns, engine_runs, environment, hf_reference, median, timer
 
 CHAT_PROMPTS = [
     "What is the capital of France?", "Explain what a Python list comprehension is.",
@@ -50,13 +50,10 @@ def corpus_blocks(tokenizer, count: int, prompt: int = 32, continuation: int = 6
     return [b[:prompt] for b in blocks], [b[prompt:] for b in blocks]
 
 
-def _repeat(model, prompts, policy_of, max_new_tokens, batch_size, repeats, cost):
-    """The method ``repeats`` times (fresh policy each), the median run: (ids, trace, seconds list)."""
-    runs = [run_policy(model, prompts, policy_of(), max_new_tokens, slots=batch_size, cost=cost)
-            for _ in range(repeats)]
-    runs.sort(key=lambda r: r.seconds)
-    mid = runs[len(runs) // 2]
-    return mid, [r.seconds for r in runs]
+def _timed_run(model, prompts, policy, max_new_tokens, batch_size, cost):
+    """One greedy run of a policy, shaped for ``engine_runs``: (the run, its trace)."""
+    run_ = run_policy(model, prompts, policy, max_new_tokens, slots=batch_size, cost=cost)
+    return run_, run_.trace
 
 
 def hf_early_exit(hf_model, prompts, max_new_tokens: int, exit_layer: int, repeats: int, device):
@@ -94,7 +91,10 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
     results = []
     for batch_size in batch_sizes:
         prompts = prompt_ids[:max(batch_size, 2 if quick else 4)]
-        full, full_times = _repeat(model, prompts, policy_of("full"), max_new_tokens, batch_size, repeats, cost)
+        jobs = {method: (lambda m=method: _timed_run(model, prompts, policy_of(m)(), max_new_tokens, batch_size,
+                                                     cost)) for method in METHODS}
+        runs = engine_runs(jobs, repeats, device)  # interleaved: the machine's drift hits every method alike
+        full, _, full_times = runs["full"]
         reference = full.token_ids
         peer_seconds = None
         if hf_model is not None and batch_size == 1:
@@ -108,10 +108,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
                             "new_tokens": tokens, "note": "HF self-speculative decoding with the model's first "
                                                           f"{shallow_layer} layers as draft: exact by construction"})
         for method in METHODS:
-            if method == "full":
-                run_, times = full, full_times
-            else:
-                run_, times = _repeat(model, prompts, policy_of(method), max_new_tokens, batch_size, repeats, cost)
+            run_, _, times = runs[method]
             seconds = median(times)
             ids, layers = run_.token_ids, run_.mean_layers
             tokens = sum(map(len, ids))
