@@ -1,5 +1,6 @@
 """The lab's models by name (``load_pretrained("lab:...")``): a reload reproduces the logged held-out
 loss; and the analysis behind the family's must-shows (a)-(e), on tiny checkpoints made here."""
+import json
 import math
 
 import pytest
@@ -50,6 +51,21 @@ def test_a_reload_by_name_reproduces_the_logged_heldout_loss(lab):
     from safetensors import safe_open
     with safe_open(str(lab / "vanilla" / "seed0" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("embed_tokens.weight").dtype == torch.float16  # 16-bit on disk
+
+
+def test_every_committed_checkpoint_reproduces_its_logged_heldout_loss(monkeypatch):
+    """The models in mor_lab/checkpoints, not tiny ones made here: each reload scores its own held-out
+    blocks as its training log says (1e-3 nats: far below the seed-to-seed spread, above summation order)."""
+    from mor_lab.checkpoints import available, checkpoints_root, load_dir
+    monkeypatch.delenv("MOR_LAB_CHECKPOINTS", raising=False)
+    names = available()
+    assert {parse_name(n)[0] for n in names} >= {"vanilla", "recursive-3", "mor-expert-3", "mor-token-3"}
+    for name in names:
+        directory = model_dir(name)
+        logged = json.loads((directory / "train.json").read_text())["result"]["heldout"]
+        model, blocks = load_dir(directory), heldout_blocks(directory)
+        assert nats_per_token(model, blocks) == pytest.approx(logged["nats_per_token"], abs=1e-3), name
+        assert directory.is_relative_to(checkpoints_root())
 
 
 def test_lab_names_that_do_not_exist_say_what_to_do(lab):
