@@ -9,6 +9,7 @@ import pytest
 from mor_lab import ModelConfig
 from mor_lab.cli import main
 from mor_lab.mor import MoRConfig, MoRModel
+from mor_lab.recursive import uptrain_table
 from mor_lab.train.cli import parse_overrides
 from mor_lab.train.recipes import RECIPES, as_decoder, get_recipe, reproduce_command, run_recipe
 
@@ -92,6 +93,14 @@ def test_uptraining_a_relaxed_recursive_student_of_a_trained_vanilla_model(tmp_p
     assert log["command"] == summary["command"] and "--set teacher=" in log["command"]
     assert summary["heldout"]["kl"] < summary["before_uptraining"]["kl"]  # distillation moved it towards the teacher
     assert summary["plan"] == [0, 1, 1, 1, 2] and summary["params"]["student"] < summary["params"]["teacher"]
+    run_recipe("uptrain-lab-3", "quick", out=tmp_path / "plain", progress=False,
+               overrides={"teacher": str(teacher), "steps": 8, "eval_tokens": 512, "init": "average", "rank": 0})
+    rows = uptrain_table([tmp_path / "student" / "train.json", tmp_path / "plain" / "train.json"])
+    assert [r["nats_after"] for r in rows] == sorted(r["nats_after"] for r in rows)
+    assert {(r["init"], r["rank"]) for r in rows} == {("stepwise", 4), ("average", 0)}
+    lora, plain = (next(r for r in rows if r["rank"] == rank) for rank in (4, 0))
+    assert lora["nats_after"] == summary["heldout"]["nats_per_token"]
+    assert lora["params"] > plain["params"]  # the LoRA factors add parameters
     with pytest.raises(ValueError, match="the teacher must be a vanilla model"):
         as_decoder(MoRModel(MoRConfig(ModelConfig(num_layers=5), kind="expert")))
 

@@ -13,11 +13,11 @@ from .relax import (ATTENTION_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS, RelaxCo
 from .sharing import (AVERAGE, CYCLE, INITIALIZATIONS, LOWER, MIDDLE_CYCLE, MIDDLE_SEQUENCE, RANDOM, SEQUENCE,
                       STEPWISE, STRATEGIES, UPPER, DepthStep, RecursiveConfig, SharingPlan, base_depth,
                       init_sources, subsampled_layers)
-from .uptrain import UptrainConfig, UptrainResult, distill_kl, trainable_parameters, uptrain
+from .uptrain import UptrainConfig, UptrainResult, distill_kl, trainable_parameters, uptrain, uptrain_table
 
 __all__ = ["ATTENTION_PROJECTIONS", "AVERAGE", "CYCLE", "Conversion", "DepthStep", "INITIALIZATIONS", "LOWER",
            "MIDDLE_CYCLE", "MIDDLE_SEQUENCE", "MLP_PROJECTIONS", "PROJECTIONS", "RANDOM", "RankCurves", "RecursiveConfig",
            "RelaxConfig", "SEQUENCE", "STEPWISE", "STRATEGIES", "SharingPlan", "UPPER", "UptrainConfig",
            "UptrainResult", "base_depth", "convert", "count_parameters", "distill_kl", "init_sources", "merge",
            "parameter_counts", "relative_residuals", "relax", "residual_by_rank", "select_layers", "subsampled_layers", "svd_factors",
-           "svd_lora", "trainable_parameters", "unmerge", "uptrain"]
+           "svd_lora", "trainable_parameters", "unmerge", "uptrain", "uptrain_table"]

@@ -151,3 +151,24 @@ def distill_kl(student: Decoder, teacher: Decoder, blocks: torch.Tensor | Iterab
         kl = kl_distill(_logits(student, ids), _logits(teacher, ids).to(student.device), temperature)
         total, tokens = total + kl.item() * ids.numel(), tokens + ids.numel()
     return total / tokens
+
+
+def uptrain_table(logs: Iterable[str | Path | dict]) -> list[dict]:
+    """One row per uptraining run (its ``train.json``, a path or the parsed log), sorted by held-out loss:
+    initialization, LoRA rank, held-out nats/token and KL to the teacher before and after, the teacher's
+    nats, parameters, steps, minutes and the command that reproduces it. The Relaxed Recursive
+    Transformers comparison at a fixed budget: every run has the same steps, batch and data."""
+    import json
+    rows = []
+    for log in logs:
+        log = log if isinstance(log, dict) else json.loads(Path(log).read_text())
+        params, result = log["config"]["params"], log["result"]
+        rows.append({"init": params["init"], "rank": params["rank"], "train_shared": params["train_shared"],
+                     "nats_before": result["before_uptraining"]["nats_per_token"],
+                     "nats_after": result["heldout"]["nats_per_token"],
+                     "kl_before": result["before_uptraining"]["kl"], "kl_after": result["heldout"]["kl"],
+                     "teacher_nats": result["heldout"]["teacher_nats_per_token"],
+                     "params": result["params"]["student"], "teacher_params": result["params"]["teacher"],
+                     "steps": log["steps_done"], "tokens": log["total_tokens"], "minutes": result["minutes"],
+                     "command": log["command"]})
+    return sorted(rows, key=lambda r: r["nats_after"])
