@@ -101,6 +101,8 @@ def test_uptraining_a_relaxed_recursive_student_of_a_trained_vanilla_model(tmp_p
     lora, plain = (next(r for r in rows if r["rank"] == rank) for rank in (4, 0))
     assert lora["nats_after"] == summary["heldout"]["nats_per_token"]
     assert lora["params"] > plain["params"]  # the LoRA factors add parameters
+    with pytest.raises(ValueError, match="did not finish"):
+        uptrain_table([{"config": {"params": {}}, "command": "mor-lab train uptrain-lab-3"}])
     with pytest.raises(ValueError, match="the teacher must be a vanilla model"):
         as_decoder(MoRModel(MoRConfig(ModelConfig(num_layers=5), kind="expert")))
 

@@ -161,8 +161,11 @@ def uptrain_table(logs: Iterable[str | Path | dict]) -> list[dict]:
     import json
     rows = []
     for log in logs:
+        name = "a log" if isinstance(log, dict) else str(log)
         log = log if isinstance(log, dict) else json.loads(Path(log).read_text())
-        params, result = log["config"]["params"], log["result"]
+        params, result = log["config"]["params"], log.get("result")
+        if not result:
+            raise ValueError(f"{name} has no result: its run did not finish (continue it: {log['command']} --resume)")
         rows.append({"init": params["init"], "rank": params["rank"], "train_shared": params["train_shared"],
                      "nats_before": result["before_uptraining"]["nats_per_token"],
                      "nats_after": result["heldout"]["nats_per_token"],
