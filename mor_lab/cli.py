@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=None, help="early-exit: the confidence threshold")
     bench.add_argument("--measure", choices=("softmax_diff", "softmax_max", "margin", "softmax", "meta"), default=None,
                        help="early-exit: the confidence measure (meta: the trained classifier; no LM head to test)")
+    bench.add_argument("--heads", choices=("corpus", "linear", "block"), default=None,
+                       help="early-exit: the exit heads (linear/block: committed, trained on SmolLM2's own chat "
+                            "continuations, the default for SmolLM2; corpus: trained here on corpus blocks)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                        help="the engine's dtype (default float32; measure bfloat16: some CPUs run it ~2x faster, "
                             "others slower)")
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs = {"model_name": args.model, "quick": args.quick, "device": args.device,
                   "max_new_tokens": args.max_new_tokens}
         for name in ("batch_sizes", "shallow_layer", "threshold", "measure", "dtype", "head_rule", "repeats",
-                     "kernels"):
+                     "kernels", "heads"):
             if getattr(args, name, None) is not None:
                 kwargs[name] = getattr(args, name)
         if args.random_weights:

@@ -34,7 +34,7 @@ FULL, EARLY, FREE, RECURSIVE, MOR = "full", "early exit (CALM)", "FREE", "recurs
 PLANS = (FULL, EARLY, FREE, RECURSIVE, MOR)
 KNOBS = {FULL: None, EARLY: "confidence ≥", FREE: "confidence ≥", RECURSIVE: "confidence ≥", MOR: "capacity"}
 DEFAULT_PROMPTS = "What is a KV cache?\nWhy is the sky blue?\nName three prime numbers."
-EXIT_LAYER = 20  # the exit shared with notebooks 01, 02 and `mor-lab bench early-exit` (one cached training)
+EXIT_LAYER = 20  # the exit shared with notebooks 01, 02 and `mor-lab bench early-exit`
 CDB_SLOTS = 2
 
 
@@ -65,7 +65,8 @@ class ExploreRun:
 
 
 class DepthLab:
-    """The models behind the explorer, built lazily (exit heads are trained once and cached)."""
+    """The models behind the explorer, built lazily: SmolLM2 with its committed exit head, the lab's trained
+    recursive and MoR models."""
 
     def __init__(self, model=None, tokenizer=None, max_new_tokens: int | None = None):
         if model is None:
@@ -78,9 +79,17 @@ class DepthLab:
 
     # -- the pieces each plan needs ----------------------------------------------------------------
     def heads(self):
+        """The committed exit heads (trained on SmolLM2's own chat continuations) when they fit the model,
+        else the corpus recipe's, trained once and cached."""
         if self._heads is None:
-            from .early_exit.recipes import pretrained_exit_heads
-            self._heads = pretrained_exit_heads(self.model, self.tokenizer, [EXIT_LAYER], progress=False)
+            from .early_exit.recipes import committed_exit_heads, pretrained_exit_heads
+            try:
+                self._heads, which = committed_exit_heads(self.model, "linear"), "the committed exit head"
+            except ValueError:  # another backbone, or no committed heads in this checkout
+                self._heads = pretrained_exit_heads(self.model, self.tokenizer, [EXIT_LAYER], progress=False)
+                which = "an exit head trained on corpus blocks (cached)"
+            for plan in (EARLY, FREE):
+                self.notes[plan] = f"SmolLM2-135M-Instruct, {which} after layer {EXIT_LAYER}"
         return self._heads
 
     def recursive(self):

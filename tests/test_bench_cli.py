@@ -107,3 +107,9 @@ def test_bench_early_exit_rows_have_speed_quality_flops_and_corpus_perplexity(tm
     assert rows["static"]["gflops_per_token"] < full["gflops_per_token"]  # 20 of 30 layers
     assert rows["static"]["corpus_ppl"] > full["corpus_ppl"]  # exiting early every token costs quality
     assert {"free", "calm"} <= set(report["pareto"])
+    assert report["heads"] == "linear"  # SmolLM2's committed exit heads, trained on its own chat continuations
+
+
+def test_bench_early_exit_names_an_exit_the_committed_heads_do_not_have(capsys):
+    assert main(["bench", "early-exit", "--quick", "--shallow-layer", "18", "--heads", "linear"]) == 2
+    assert "exit after [12, 16, 20, 24] layers, not 18: pass --shallow-layer 24 or --heads corpus" in capsys.readouterr().err

@@ -279,3 +279,37 @@ def test_smollm2_shallow_adapter_agrees_with_the_deep_model_at_least_as_well_as_
           f"loss {history.loss[0]:.2f} -> {history.loss[-1]:.2f}; {time.perf_counter() - start:.0f} s")
     assert tuned.agreement >= lens.agreement
     assert tuned.kl < lens.kl
+
+
+@pytest.mark.smollm2
+@pytest.mark.parametrize("adapter", ["linear"])
+def test_committed_exit_heads_reproduce_their_logged_heldout_agreement(smollm2, adapter):
+    """The heads in mor_lab/checkpoints/exit-heads-smollm2, reloaded from 16 bits, score the held-out chat
+    continuations as their training log says: agreement within 2 points (a continuation may differ by a
+    token on another build), cross-entropy within 0.05 nats."""
+    import json
+
+    from mor_lab.early_exit.recipes import committed_exit_heads, committed_heads_dir
+    from mor_lab.train.recipes import heldout_chat_sequences
+    model, tok = smollm2
+    log = json.loads((committed_heads_dir(adapter) / "train.json").read_text())
+    heads = committed_exit_heads(model, adapter)
+    sequences, scored_from = heldout_chat_sequences(model, tok, log["config"]["params"])
+    scores = evaluate_exit_heads(model, heads, cache_exit_states(model, sequences, heads.exit_layers,
+                                                                 scored_from=scored_from))
+    for layer, metrics in scores.items():
+        logged = log["result"]["heldout"][str(layer)]
+        assert metrics.agreement == pytest.approx(logged["agreement"], abs=0.02), layer
+        assert metrics.ce == pytest.approx(logged["ce"], abs=0.05), layer
+
+
+def test_committed_exit_heads_refuse_another_backbone():
+    from mor_lab.early_exit.recipes import committed_exit_heads
+    from mor_lab.models.config import ModelConfig
+    from mor_lab.models.decoder import Decoder
+    model = Decoder(ModelConfig(vocab_size=64, hidden_size=576, intermediate_size=64, num_layers=2, num_heads=9,
+                                num_kv_heads=3))
+    with pytest.raises(ValueError, match="trained on SmolLM2-135M-Instruct .*not on this model"):
+        committed_exit_heads(model, "linear")
+    with pytest.raises(ValueError, match="no committed exit heads of type 'lens'"):
+        committed_exit_heads(model, "lens")

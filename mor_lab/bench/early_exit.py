@@ -1,7 +1,9 @@
 """``mor-lab bench early-exit``: full, static, CALM (batch / per row), FREE (fixed / adaptive), side by side.
 
-All methods share one trained exit after ``shallow_layer`` depth steps (adapter + meta classifier from
-``early_exit.recipes``, cached) and one confidence measure, so they differ only in what they do with a
+All methods share one trained exit after ``shallow_layer`` depth steps and one confidence measure. The
+exit (adapter + meta classifier, ``early_exit.recipes``) is, with ``heads="linear"`` or ``"block"``, the
+committed one trained on SmolLM2's own greedy continuations of chat prompts (the default for SmolLM2),
+or with ``heads="corpus"`` a linear exit trained on corpus blocks and cached (any other model), so they differ only in what they do with a
 confident token: nothing (full), always exit (static), exit the batch when every row is confident
 (CALM's batch semantics), exit the row with state propagation (CALM per row), or defer its deep
 layers to a synchronized parallel pass (FREE). Greedy, EOS disabled, the same chat prompts, the one
@@ -20,7 +22,7 @@ import torch
 
 from ..early_exit.evaluate import (agreement, forced_agreement, generated_perplexity, pareto_front, run_policy,
                                    teacher_forced_perplexity)
-from ..early_exit.recipes import pretrained_exit_heads
+from ..early_exit.recipes import COMMITTED_ADAPTERS, committed_exit_heads, pretrained_exit_heads
 from ..engine.cost import CostModel, decode_flops
 from ..engine.generate import encode_prompts
 from ..engine.policies import early_exit_policy
@@ -56,6 +58,21 @@ def _timed_run(model, prompts, policy, max_new_tokens, batch_size, cost):
     return run_, run_.trace
 
 
+def exit_heads(model, tokenizer, kind: str, shallow_layer: int, measure: str, quick: bool):
+    """The benchmark's exit: committed heads of type ``kind`` ("linear", "block"), or ("corpus") a linear
+    exit trained on corpus blocks (cached; small in the quick setting)."""
+    if kind == "corpus":
+        return pretrained_exit_heads(model, tokenizer, [shallow_layer], measure=measure, progress=False,
+                                     tokens=2048 if quick else None, steps=40 if quick else None)
+    if kind not in COMMITTED_ADAPTERS:
+        raise ValueError(f"unknown heads {kind!r}; allowed: corpus, {', '.join(COMMITTED_ADAPTERS)}")
+    heads = committed_exit_heads(model, kind, measure)
+    if shallow_layer not in heads.exit_layers:
+        raise ValueError(f"the committed {kind} exit heads exit after {heads.exit_layers} layers, not "
+                         f"{shallow_layer}: pass --shallow-layer {heads.exit_layers[-1]} or --heads corpus")
+    return heads
+
+
 def hf_early_exit(hf_model, prompts, max_new_tokens: int, exit_layer: int, repeats: int, device):
     """HF's self-speculative early exit at batch 1 (exact): ids and seconds per repeat."""
     times, ids = [], None
@@ -72,14 +89,14 @@ def hf_early_exit(hf_model, prompts, max_new_tokens: int, exit_layer: int, repea
 def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), max_new_tokens: int | None = None,
         device: str | None = None, shallow_layer: int | None = None, threshold: float = 0.5,
         sweep=(0.1, 0.3, 0.5, 0.7, 0.9), measure: str = "margin", repeats: int | None = None,
-        peer: bool = True) -> dict:
+        peer: bool = True, heads: str | None = None) -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     max_new_tokens = max_new_tokens or (16 if quick else 48)
     repeats = repeats or (1 if quick else 3)
     model, tokenizer = load_pretrained(model_name, device=device)
     shallow_layer = shallow_layer or round(2 * model.num_steps / 3)
-    heads = pretrained_exit_heads(model, tokenizer, [shallow_layer], progress=False,
-                                  tokens=2048 if quick else None, steps=40 if quick else None)
+    heads_kind = heads or ("linear" if model_name is None else "corpus")
+    heads = exit_heads(model, tokenizer, heads_kind, shallow_layer, measure, quick)
     prompt_ids = encode_prompts(tokenizer, CHAT_PROMPTS, chat=True)
     corpus_prompts, corpus_targets = corpus_blocks(tokenizer, 2 if quick else 8, continuation=32 if quick else 64)
     cost = CostModel.calibrate(model, max_rows=max(8, max(batch_sizes)), reps=2 if quick else 5)
@@ -135,7 +152,7 @@ def run(model_name: str | None = None, quick: bool = False, batch_sizes=(1, 8), 
     frontier = threshold_sweep(model, prompt_ids[:2 if quick else 4], shallow_layer, heads, max_new_tokens, sweep,
                                measure, cost)
     return {"suite": "early-exit", "model": str(model_name or "SmolLM2-135M-Instruct (offline)"),
-            "quick": quick, "shallow_layer": shallow_layer, "num_layers": model.num_steps,
+            "quick": quick, "heads": heads_kind, "shallow_layer": shallow_layer, "num_layers": model.num_steps,
             "confidence": measure, "max_new_tokens": max_new_tokens, "repeats": repeats,
             "corpus_ppl": f"teacher-forced on {len(corpus_prompts)} held-out pydoc blocks "
                           f"({len(corpus_prompts[0])} + {len(corpus_targets[0])} tokens)",

@@ -56,3 +56,58 @@ def pretrained_exit_heads(model, tokenizer, exit_layers: list[int], *, measure: 
     train_exit_heads(model, heads, blocks.split(8), steps=steps, lr=lr, seed=seed, progress=progress,
                      checkpoint=directory if use_cache else None)
     return heads.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Committed heads: trained by ``mor-lab train exit-heads-smollm2 --size full`` on SmolLM2's own greedy
+# continuations of chat prompts (the distribution decoding sees), shipped with the package.
+
+COMMITTED_ADAPTERS = ("linear", "block")
+
+
+def committed_heads_dir(adapter: str):
+    """Where the committed heads of one adapter type live (``mor_lab/checkpoints/exit-heads-smollm2/``)."""
+    from ..checkpoints import checkpoints_root
+    if adapter not in COMMITTED_ADAPTERS:
+        raise ValueError(f"no committed exit heads of type {adapter!r}; types: {', '.join(COMMITTED_ADAPTERS)}")
+    return checkpoints_root() / "exit-heads-smollm2" / adapter
+
+
+def commit_exit_heads(run_dir, model, exit_layers: list[int] | None = None, dtype=torch.float16):
+    """Copy the heads a training run left in ``run_dir`` into the package: only ``exit_layers`` (default
+    all), stored in ``dtype``, with its training log and the backbone's fingerprint (checked on load)."""
+    import shutil
+    from pathlib import Path
+    run_dir = Path(run_dir)
+    heads = ExitHeads.load(run_dir)
+    layers = sorted(exit_layers or heads.exit_layers)
+    kept = ExitHeads(ExitConfig(exit_layers=layers, adapter=heads.config.adapter,
+                                adapter_rank=heads.config.adapter_rank, measure=heads.config.measure),
+                     heads.hidden_size, model_config=heads.model_config)
+    kept.load_state_dict({k: v for k, v in heads.state_dict().items()
+                          if k.split(".")[1] in {str(k) for k in layers}})
+    dest = committed_heads_dir(heads.config.adapter)
+    kept.to(dtype).save(dest)
+    shutil.copy(run_dir / "train.json", dest / "train.json")
+    (dest / "backbone.json").write_text(json.dumps({"model_fingerprint": model_fingerprint(model)}) + "\n")
+    return dest
+
+
+def committed_exit_heads(model, adapter: str = "linear", measure: str = "margin") -> ExitHeads:
+    """The committed ``adapter`` heads for ``model`` (SmolLM2-135M-Instruct, offline).
+    Another backbone is a clear error: its hidden states are not the ones these heads read."""
+    directory = committed_heads_dir(adapter)
+    if not (directory / "exit_heads.json").exists():
+        raise ValueError(f"no committed {adapter} exit heads in {directory}: train them with `python -m mor_lab.cli "
+                         f"train exit-heads-smollm2 --size full --set adapter={adapter} --out runs/exit-{adapter}`, "
+                         "then mor_lab.early_exit.recipes.commit_exit_heads")
+    expected = json.loads((directory / "backbone.json").read_text())["model_fingerprint"]
+    if model_fingerprint(model) != expected:
+        raise ValueError(f"the committed {adapter} exit heads were trained on SmolLM2-135M-Instruct (fingerprint "
+                         f"{expected}), not on this model ({model_fingerprint(model)}); train heads for it with "
+                         "pretrained_exit_heads(model, tokenizer, layers)")
+    heads = ExitHeads.load(directory)  # 16-bit on disk, float32 once loaded
+    heads = heads.to(model.device, model.dtype) if heads.attends else heads.to(model.device)  # as for_model
+    heads.config.measure = measure
+    heads.check(model)
+    return heads.eval()

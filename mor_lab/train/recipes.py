@@ -320,24 +320,33 @@ def greedy_continuations(model, tokenizer, prompts: list[str], new_tokens: int, 
     return out
 
 
+def _chat_sequences(model, tokenizer, prompts: list[str], new_tokens: int, progress: bool = False):
+    """(one ``[1, T]`` tensor per prompt: chat prompt + greedy continuation, first continuation position)."""
+    sequences = greedy_continuations(model, tokenizer, prompts, new_tokens, progress=progress)
+    return ([torch.tensor([s], device=model.device) for s in sequences], [len(s) - new_tokens for s in sequences])
+
+
+def heldout_chat_sequences(model, tokenizer, params: dict, progress: bool = False):
+    """The exit heads' held-out set (``data="chat"``): the model's continuations of the first
+    ``eval_prompts`` of the benchmark's chat prompts, as :func:`_chat_sequences` returns them."""
+    from ..bench.early_exit import CHAT_PROMPTS
+    if params["eval_prompts"] > len(CHAT_PROMPTS):
+        raise ValueError(f"eval_prompts must be <= {len(CHAT_PROMPTS)} (the benchmark's chat prompts)")
+    return _chat_sequences(model, tokenizer, CHAT_PROMPTS[: params["eval_prompts"]], params["new_tokens"], progress)
+
+
 def _exit_data(model, tokenizer, params: dict, seed: int, progress: bool):
     """(training sequences, held-out sequences, first scored position of each, or None: all): token blocks
     of the corpus, or prompt + greedy continuation where only the continuation trains and is scored."""
-    from ..bench.early_exit import CHAT_PROMPTS
     from ..train.data import load_corpus, tokenize
     corpus, block = load_corpus(params["corpus"]), params["block"]
     if params["data"] not in EXIT_DATA:
         raise ValueError(f"unknown data {params['data']!r}; allowed: {', '.join(EXIT_DATA)}")
     if params["data"] == "chat":
-        if params["eval_prompts"] > len(CHAT_PROMPTS):
-            raise ValueError(f"eval_prompts must be <= {len(CHAT_PROMPTS)} (the benchmark's chat prompts)")
         prompts = corpus_chat_prompts(corpus.train, params["train_prompts"], seed)
-        train = greedy_continuations(model, tokenizer, prompts, params["new_tokens"], progress=progress)
-        test = greedy_continuations(model, tokenizer, CHAT_PROMPTS[: params["eval_prompts"]], params["new_tokens"],
-                                    progress=progress)
-        device = model.device
-        return ([torch.tensor([s], device=device) for s in train], [torch.tensor([s], device=device) for s in test],
-                [len(s) - params["new_tokens"] for s in train], [len(s) - params["new_tokens"] for s in test])
+        train, train_from = _chat_sequences(model, tokenizer, prompts, params["new_tokens"], progress)
+        test, test_from = heldout_chat_sequences(model, tokenizer, params, progress)
+        return train, test, train_from, test_from
     train_ids = tokenize(tokenizer, corpus.train)[: params["train_tokens"]]
     if train_ids.numel() < block:
         raise ValueError(f"corpus {params['corpus']!r} gave {train_ids.numel()} training tokens: fewer than one "
