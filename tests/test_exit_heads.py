@@ -282,7 +282,7 @@ def test_smollm2_shallow_adapter_agrees_with_the_deep_model_at_least_as_well_as_
 
 
 @pytest.mark.smollm2
-@pytest.mark.parametrize("adapter", ["linear"])
+@pytest.mark.parametrize("adapter", ["linear", "block"])
 def test_committed_exit_heads_reproduce_their_logged_heldout_agreement(smollm2, adapter):
     """The heads in mor_lab/checkpoints/exit-heads-smollm2, reloaded from 16 bits, score the held-out chat
     continuations as their training log says: agreement within 2 points (a continuation may differ by a
