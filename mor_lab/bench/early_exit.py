@@ -1,11 +1,11 @@
 """``mor-lab bench early-exit``: full, static, CALM (batch / per row), FREE (fixed / adaptive), side by side.
 
 All methods share one trained exit after ``shallow_layer`` depth steps and one confidence measure. The
-exit (adapter + meta classifier, ``early_exit.recipes``) is, with ``heads="linear"`` or ``"block"``, the
-committed one trained on SmolLM2's own greedy continuations of chat prompts (the default for SmolLM2),
-or with ``heads="corpus"`` a linear exit trained on corpus blocks and cached (any other model), so they differ only in what they do with a
-confident token: nothing (full), always exit (static), exit the batch when every row is confident
-(CALM's batch semantics), exit the row with state propagation (CALM per row), or defer its deep
+exit (adapter + meta classifier, ``early_exit.recipes``) is the committed one trained on SmolLM2's own
+greedy continuations of chat prompts (``heads="linear"`` or ``"block"``; the default for SmolLM2), or a
+linear exit trained on corpus blocks and cached (``heads="corpus"``; any other model). So the methods
+differ only in what they do with a confident token: nothing (full), always exit (static), exit the batch
+when every row is confident (CALM's batch semantics), exit the row with state propagation (CALM per row), or defer its deep
 layers to a synchronized parallel pass (FREE). Greedy, EOS disabled, the same chat prompts, the one
 engine in static batches of ``batch_size``.
 

@@ -150,7 +150,12 @@ class ExitHeads(nn.Module):
         last = model.layers[model.plan[-1]].state_dict()
         for block in heads.adapters.values() if heads.attends else ():
             block.load_state_dict(last)
-        return heads.to(model.device, model.dtype) if heads.attends else heads.to(model.device)
+        return heads.placed_for(model)
+
+    def placed_for(self, model) -> "ExitHeads":
+        """On the model's device; exit blocks also in its dtype (they run inside its layers), other adapters
+        stay float32."""
+        return self.to(model.device, model.dtype) if self.attends else self.to(model.device)
 
     @property
     def attends(self) -> bool:

@@ -84,8 +84,8 @@ def commit_exit_heads(run_dir, model, exit_layers: list[int] | None = None, dtyp
     kept = ExitHeads(ExitConfig(exit_layers=layers, adapter=heads.config.adapter,
                                 adapter_rank=heads.config.adapter_rank, measure=heads.config.measure),
                      heads.hidden_size, model_config=heads.model_config)
-    kept.load_state_dict({k: v for k, v in heads.state_dict().items()
-                          if k.split(".")[1] in {str(k) for k in layers}})
+    keep = {str(layer) for layer in layers}  # state-dict keys are "adapters.<layer>...", "meta.<layer>..."
+    kept.load_state_dict({k: v for k, v in heads.state_dict().items() if k.split(".")[1] in keep})
     dest = committed_heads_dir(heads.config.adapter)
     kept.to(dtype).save(dest)
     shutil.copy(run_dir / "train.json", dest / "train.json")
@@ -106,8 +106,7 @@ def committed_exit_heads(model, adapter: str = "linear", measure: str = "margin"
         raise ValueError(f"the committed {adapter} exit heads were trained on SmolLM2-135M-Instruct (fingerprint "
                          f"{expected}), not on this model ({model_fingerprint(model)}); train heads for it with "
                          "pretrained_exit_heads(model, tokenizer, layers)")
-    heads = ExitHeads.load(directory)  # 16-bit on disk, float32 once loaded
-    heads = heads.to(model.device, model.dtype) if heads.attends else heads.to(model.device)  # as for_model
+    heads = ExitHeads.load(directory).placed_for(model)  # 16-bit on disk, float32 once loaded
     heads.config.measure = measure
     heads.check(model)
     return heads.eval()
