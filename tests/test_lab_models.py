@@ -68,6 +68,17 @@ def test_every_committed_checkpoint_reproduces_its_logged_heldout_loss(monkeypat
         assert directory.is_relative_to(checkpoints_root())
 
 
+def test_committed_expert_choice_models_decode_as_they_trained(monkeypatch):
+    """(e) on the committed models: at every recursion, each expert-choice seed's decode-time rule
+    (``logit > 0``, causal) takes the training-time top-k's decision on >= 90 % of its held-out tokens."""
+    from mor_lab.checkpoints import load_dir
+    monkeypatch.delenv("MOR_LAB_CHECKPOINTS", raising=False)
+    for seed in (0, 1):
+        directory = model_dir(f"mor-expert-3@seed{seed}")
+        agreement = routing_agreement(load_dir(directory), heldout_blocks(directory))
+        assert agreement["meets_target"], (seed, agreement["per_recursion"])
+
+
 def test_lab_names_that_do_not_exist_say_what_to_do(lab):
     with pytest.raises(ModelLoadError, match=r"train it: python -m mor_lab\.cli train vanilla --size full --seed 5"):
         mor_lab.load_pretrained("lab:vanilla@seed5")

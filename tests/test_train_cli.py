@@ -11,7 +11,8 @@ from mor_lab.cli import main
 from mor_lab.mor import MoRConfig, MoRModel
 from mor_lab.recursive import uptrain_table
 from mor_lab.train.cli import parse_overrides
-from mor_lab.train.recipes import RECIPES, as_decoder, get_recipe, reproduce_command, run_recipe
+from mor_lab.train.recipes import (FAMILY_SIZES, RECIPES, as_decoder, family_config, get_recipe, reproduce_command,
+                                   run_recipe)
 
 SMALL = {"vanilla_steps": 6, "eval_tokens": 512, "log_every": 2, "checkpoint_every": 4, "sample_tokens": 4}
 
@@ -45,6 +46,15 @@ def test_every_member_trains_at_its_quick_size_and_logs_the_command_that_reprodu
     loops = {m: json.loads((tmp_path / m / "train.json").read_text())["result"]["mean_loops"]
              for m in ("vanilla", "mor-expert-3", "recursive-3")}
     assert loops["vanilla"] == 1 and loops["recursive-3"] == 3 and 1 < loops["mor-expert-3"] < 3
+
+
+def test_expert_choice_trains_its_decode_rule_at_the_reference_trainers_coefficient():
+    """The BCE that makes ``logit > 0`` expert choice's causal rule: 0.01 for mor-expert-3 unless overridden."""
+    params = FAMILY_SIZES["quick"]
+    config = lambda member, router: family_config(member, {**params, "router": router}, 512)  # noqa: E731
+    assert config("mor-expert-3", {}).router.aux_loss == 0.01
+    assert config("mor-expert-3", {"aux_loss": 0.001}).router.aux_loss == 0.001  # --set router=... wins
+    assert config("mor-token-3", {}).router.aux_loss == 0.001  # the default elsewhere
 
 
 def test_resume_continues_refuses_another_config_and_never_overwrites(tmp_path, capsys):
