@@ -75,7 +75,7 @@ def test_expert_choice_forward_respects_capacities_and_hierarchy(seq_len):
 
 
 def test_expert_losses_bce_z_and_aux_router():
-    model = make("expert", z_loss=1e-3)
+    model = make("expert", z_loss=1e-3, aux_loss=0.001)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
     out = model(ids, targets=ids)
     logits, loops = out.routing.router_logits, out.routing.loops

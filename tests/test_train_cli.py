@@ -51,10 +51,9 @@ def test_every_member_trains_at_its_quick_size_and_logs_the_command_that_reprodu
 def test_expert_choice_trains_its_decode_rule_at_the_reference_trainers_coefficient():
     """The BCE that makes ``logit > 0`` expert choice's causal rule: 0.01 for mor-expert-3 unless overridden."""
     params = FAMILY_SIZES["quick"]
-    config = lambda member, router: family_config(member, {**params, "router": router}, 512)  # noqa: E731
-    assert config("mor-expert-3", {}).router.aux_loss == 0.01
-    assert config("mor-expert-3", {"aux_loss": 0.001}).router.aux_loss == 0.001  # --set router=... wins
-    assert config("mor-token-3", {}).router.aux_loss == 0.001  # the default elsewhere
+    config = lambda router: family_config("mor-expert-3", {**params, "router": router}, 512)  # noqa: E731
+    assert config({}).router.aux_loss == 0.01
+    assert config({"aux_loss": 0.001}).router.aux_loss == 0.001  # --set router=... wins
 
 
 def test_resume_continues_refuses_another_config_and_never_overwrites(tmp_path, capsys):

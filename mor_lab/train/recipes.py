@@ -54,11 +54,6 @@ class Recipe:
 
 FAMILY_MEMBERS = {"vanilla": ("vanilla", 1), "recursive-3": ("recursive", 3), "mor-expert-3": ("expert", 3),
                   "mor-token-3": ("token", 3)}
-# Router settings a member starts from (``--set router=...`` overrides them key by key). Expert choice: the
-# BCE that makes ``logit > 0`` its causal decode rule at 0.01 (the reference trainer's fallback ``coeff``), not
-# the released configs' 0.001: in 2k steps at 0.001 the logit still put 56-87 % of the training pass's tokens
-# on the right side of the top-k boundary and decode-time routing agreed with training on 72-85 % of tokens.
-MEMBER_ROUTER = {"mor-expert-3": {"aux_loss": 0.01}}
 FAMILY_SIZES = {
     "quick": dict(corpus="pydoc", max_chars=120_000, vocab_size=512, hidden_size=32, intermediate_size=96,
                   num_layers=5, num_heads=2, num_kv_heads=1, max_positions=256, seq_len=64, batch_size=8,
@@ -90,8 +85,7 @@ def family_config(member: str, params: dict, vocab_size: int, eos_token_id: int 
                        intermediate_size=params["intermediate_size"], num_layers=params["num_layers"],
                        num_heads=params["num_heads"], num_kv_heads=params["num_kv_heads"],
                        max_position_embeddings=params["max_positions"], eos_token_id=eos_token_id)
-    router = RouterConfig(**{**MEMBER_ROUTER.get(member, {}), **params["router"]}) if kind in ("expert", "token") \
-        else RouterConfig()
+    router = RouterConfig(**params["router"]) if kind in ("expert", "token") else RouterConfig()
     return MoRConfig(dims, kind=kind, num_recursions=n_r, router=router)
 
 
